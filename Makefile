@@ -1,0 +1,38 @@
+# Every target sets itself up: a fresh machine needs only python3 (>= 3.11).
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Where the MNIST IDX files are; the loader also reads $BIOFLAX_EQX_DATA or a cache.
+DATA_DIR ?= ../shared/data/mnist
+
+.PHONY: demo test lint docs docs-serve clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -e ".[test,docs]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PYTHON) -m bioflax_eqx compare --dataset mnist --data-dir $(DATA_DIR) --epochs 3 --out runs/demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pyright
+
+# The docs tests build the site strictly (MathJax fetched once from npm).
+test: lint
+	bash docs/fetch_assets.sh
+	BIOFLAX_EQX_DOCS=1 $(PYTHON) -m pytest
+
+docs: $(STAMP)
+	bash docs/fetch_assets.sh
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict
+
+docs-serve: $(STAMP)
+	bash docs/fetch_assets.sh
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs serve --dev-addr 127.0.0.1:8000
+
+clean:
+	rm -rf $(VENV) site runs .pytest_cache .ruff_cache

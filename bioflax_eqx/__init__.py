@@ -1,0 +1,37 @@
+"""Equinox layers for learning without weight transport."""
+
+from ._convert import convert as convert
+from ._data import (
+    DataNotFoundError as DataNotFoundError,
+    Dataset as Dataset,
+    Split as Split,
+    epoch_batches as epoch_batches,
+    load_dataset as load_dataset,
+    sine as sine,
+    teacher_student as teacher_student,
+)
+from ._dfa import (
+    DFAFeedback as DFAFeedback,
+    DFALinear as DFALinear,
+    close_error_channel as close_error_channel,
+    open_error_channel as open_error_channel,
+)
+from ._linear import (
+    AbstractFeedbackLinear as AbstractFeedbackLinear,
+    AbstractFeedbackModule as AbstractFeedbackModule,
+    BRSFLinear as BRSFLinear,
+    FALinear as FALinear,
+    FRSFLinear as FRSFLinear,
+    KPLinear as KPLinear,
+    USFLinear as USFLinear,
+)
+from ._mlp import MLP as MLP
+from ._optim import (
+    decay_mask as decay_mask,
+    feedback_labels as feedback_labels,
+    freeze_feedback as freeze_feedback,
+)
+from ._rules import RULES as RULES
+
+
+__version__ = "0.1.0"

@@ -1,0 +1,31 @@
+import os
+import pathlib
+
+import jax
+import pytest
+
+
+# Strict JAX everywhere: no silent dtype or rank promotion, float64 for exact checks.
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_enable_x64", True)
+
+_SHARED_MNIST = (
+    pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> pathlib.Path:
+    """The canonical MNIST files (IDX, gzipped): `$BIOFLAX_EQX_DATA` or ../shared."""
+    path = pathlib.Path(os.environ.get("BIOFLAX_EQX_DATA", _SHARED_MNIST))
+    if not (path / "train-images-idx3-ubyte.gz").exists():
+        pytest.fail(f"MNIST not found in {path}; set BIOFLAX_EQX_DATA")
+    return path
+
+
+@pytest.fixture
+def getkey():
+    """A fresh `jax.random` key on every call, the same sequence in every test."""
+    keys = iter(jax.random.split(jax.random.key(5678), 1000))
+    return lambda: next(keys)
