@@ -110,13 +110,12 @@ def test_api_entries_name_public_objects():
 
 
 def _pages_with_examples() -> list[pathlib.Path]:
-    return [
-        page for page in sorted(DOCS.rglob("*.md")) if _PY_BLOCK.search(_markdown(page))
-    ]
+    pages = [DOCS.parent / "README.md", *sorted(DOCS.rglob("*.md"))]
+    return [page for page in pages if _PY_BLOCK.search(_markdown(page))]
 
 
 @pytest.mark.parametrize(
-    "page", _pages_with_examples(), ids=lambda p: str(p.relative_to(DOCS))
+    "page", _pages_with_examples(), ids=lambda p: str(p.relative_to(DOCS.parent))
 )
 def test_python_examples_run(page: pathlib.Path):
     """Each page's ```python blocks run in order, in one namespace per page."""
