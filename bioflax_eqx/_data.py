@@ -456,7 +456,8 @@ def load_dataset(
         `bioflax_eqx._data.resolve_data_dir` for the default.
     - `download`: when files are missing, fetch the four `.gz` files from the
         known mirrors into the folder, verifying their checksums. Without it, or
-        offline, a [`DataNotFoundError`][bioflax_eqx.DataNotFoundError] names the missing files.
+        offline, a [`DataNotFoundError`][bioflax_eqx.DataNotFoundError] names the
+        missing files.
     - `val_size`: examples of the training set held out as the validation split
         (may be 0).
     - `key`: decides which training examples are held out. `None` holds out the
@@ -468,9 +469,9 @@ def load_dataset(
 
     **Returns:**
 
-    A [`Dataset`][bioflax_eqx.Dataset] with `task="classification"`, `n_features=784`, `n_classes=10`,
-    inputs scaled to `[0, 1]` and `int32` labels; train and validation keep file
-    order.
+    A [`Dataset`][bioflax_eqx.Dataset] with `task="classification"`,
+    `n_features=784`, `n_classes=10`, inputs scaled to `[0, 1]` and `int32` labels;
+    train and validation keep file order.
     """
     if name not in _DISPLAY_NAMES:
         raise ValueError(
@@ -595,8 +596,8 @@ def teacher_student(
 
     **Returns:**
 
-    A [`Dataset`][bioflax_eqx.Dataset] with `task="regression"`, `n_classes=None`, inputs of shape
-    `(n, in_size)` and targets of shape `(n, out_size)`.
+    A [`Dataset`][bioflax_eqx.Dataset] with `task="regression"`, `n_classes=None`,
+    inputs of shape `(n, in_size)` and targets of shape `(n, out_size)`.
     """
     _check_sizes(
         n_train=n_train,
@@ -662,8 +663,8 @@ def sine(
 
     **Returns:**
 
-    A [`Dataset`][bioflax_eqx.Dataset] with `task="regression"`, `n_classes=None`, `n_features=1` and
-    inputs and targets of shape `(n, 1)`.
+    A [`Dataset`][bioflax_eqx.Dataset] with `task="regression"`, `n_classes=None`,
+    `n_features=1` and inputs and targets of shape `(n, 1)`.
     """
     _check_sizes(n_train=n_train, n_val=n_val, n_test=n_test)
     train, val, test = _sine_splits(
