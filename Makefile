@@ -21,10 +21,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pyright
 
-# The docs tests build the site strictly (MathJax fetched once from npm).
+# The docs tests build the site strictly (MathJax fetched once from npm). Then, as a
+# step of its own, every notebook runs top to bottom in small-data mode (nbclient).
 test: lint
 	bash docs/fetch_assets.sh
 	BIOFLAX_EQX_DOCS=1 $(PYTHON) -m pytest
+	BIOFLAX_EQX_NOTEBOOKS=1 $(PYTHON) -m pytest tests/notebooks -k runs_top_to_bottom
 
 docs: $(STAMP)
 	bash docs/fetch_assets.sh
