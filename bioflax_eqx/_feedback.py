@@ -6,6 +6,10 @@ so under `jax.vmap` they compile to the same single matrix product as backprop; 
 custom backward passes below touch only input cotangents, which are per example anyway.
 A custom backward that returned per-example `outer(g, x)` would make JAX build and sum
 batch x out x in tensors instead.
+
+Feedback matrices may arrive in either layout: `B` of shape (in, out), or `Bᵀ` of the
+weight's shape (out, in). Sign-symmetric feedback is built elementwise from `W`, so it
+is cheapest in `W`'s layout; a dot reads either layout at the same cost.
 """
 
 import equinox as eqx
@@ -13,43 +17,48 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
+from ._kernels import row_major
+
 
 @eqx.filter_custom_vjp
-def _reroute(vjp_arg, feedback):
+def _reroute(vjp_arg, feedback, transposed):
     output, _ = vjp_arg
     return output
 
 
 @_reroute.def_fwd
-def _reroute_fwd(perturbed, vjp_arg, feedback):
-    del perturbed, feedback
+def _reroute_fwd(perturbed, vjp_arg, feedback, transposed):
+    del perturbed, feedback, transposed
     output, _ = vjp_arg
     return output, None
 
 
 @_reroute.def_bwd
-def _reroute_bwd(residuals, grad_output, perturbed, vjp_arg, feedback):
+def _reroute_bwd(residuals, grad_output, perturbed, vjp_arg, feedback, transposed):
     del residuals, vjp_arg
     _, input_perturbed = perturbed
-    if grad_output is None:
-        return None, None
-    # Skipped when the input needs no gradient (e.g. the data at the first layer).
-    grad_input = feedback @ grad_output if input_perturbed else None
+    if grad_output is None or not input_perturbed:
+        # No input cotangent when the input needs none (the data at the first layer).
+        return grad_output, None
+    grad_input = grad_output @ feedback if transposed else feedback @ grad_output
     return grad_output, grad_input
 
 
 def reroute(
     output: Float[Array, " out"],
     input: Float[Array, " in"],
-    feedback: Float[Array, "in out"],
+    feedback: Float[Array, "in out"] | Float[Array, "out in"],
+    *,
+    transposed: bool = False,
 ) -> Float[Array, " out"]:
-    """Identity on `output`; on the backward pass, `input` receives `feedback @ g`.
+    """Identity on `output`; on the backward pass, `input` receives `B g`.
 
-    `g`, the cotangent of `output`, also flows on unchanged to `output`'s own inputs.
-    The caller computes `output` from `stop_gradient(input)`, so the only cotangent
-    that reaches `input` is this one.
+    `feedback` is `B`, of shape (in, out), or with `transposed=True` it is `Bᵀ`, of
+    the weight's shape (out, in). `g`, the cotangent of `output`, also flows on
+    unchanged to `output`'s own inputs. The caller computes `output` from
+    `stop_gradient(input)`, so the only cotangent that reaches `input` is this one.
     """
-    return _reroute((output, input), lax.stop_gradient(feedback))
+    return _reroute((output, input), lax.stop_gradient(feedback), transposed)
 
 
 @eqx.filter_custom_vjp
@@ -71,9 +80,12 @@ def _tie_bwd(residuals, grad_weight, perturbed, vjp_arg):
     weight_perturbed, feedback_perturbed = perturbed
     if grad_weight is None:
         return None, None
+    # Written out once by the transpose kernel: left as a strided view, the
+    # transpose would be fused into every consumer, e.g. Adam's moment updates, where
+    # XLA:CPU runs it as slow strided scalar code.
     return (
         grad_weight if weight_perturbed else None,
-        grad_weight.T if feedback_perturbed else None,
+        row_major(grad_weight.T) if feedback_perturbed else None,
     )
 
 

@@ -9,6 +9,7 @@ from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._feedback import reroute, tie
+from ._kernels import row_major, uniform as fused_uniform
 from ._misc import (
     check_input,
     check_positive,
@@ -108,6 +109,13 @@ class AbstractFeedbackLinear(AbstractFeedbackModule):
         `B`, of shape `(in_features, out_features)`.
         """
 
+    def _feedback_for_call(
+        self, key: PRNGKeyArray | None
+    ) -> tuple[Float[Array, "in out"] | Float[Array, "out in"], bool]:
+        """`(B, False)`, or `(Bᵀ, True)` for rules that build `Bᵀ` in the weight's
+        layout more cheaply; the same matrix as `feedback_matrix(key=key)`."""
+        return self.feedback_matrix(key=key), False
+
     def __call__(
         self, x: Float[Array, " in"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " out"]:
@@ -123,16 +131,17 @@ class AbstractFeedbackLinear(AbstractFeedbackModule):
         `weight @ x + bias`, shape `(out_features,)`.
         """
         check_input(x, self.in_features, type(self).__name__)
-        feedback = self.feedback_matrix(key=key)
+        feedback, transposed = self._feedback_for_call(key)
         # Also catches feedback replaced by tree surgery, which skips __check_init__.
-        check_array("feedback", feedback, (self.in_features, self.out_features))
+        shape = (self.in_features, self.out_features)
+        check_array("feedback", feedback, shape[::-1] if transposed else shape)
         weight = (
             tie(self.weight, self.feedback) if self.trains_feedback else self.weight
         )
         y = weight @ lax.stop_gradient(x)
         if self.bias is not None:
             y = y + self.bias
-        return reroute(y, x, feedback)
+        return reroute(y, x, feedback, transposed=transposed)
 
 
 def check_linear(layer) -> None:
@@ -300,6 +309,12 @@ class USFLinear(AbstractFeedbackLinear):
     ) -> Float[Array, "in out"]:
         return self.feedback
 
+    def _feedback_for_call(
+        self, key: PRNGKeyArray | None
+    ) -> tuple[Float[Array, "out in"], bool]:
+        # Bᵀ in the weight's layout: elementwise in W, no transpose at all.
+        return self.scale * jnp.sign(self.weight), True
+
 
 class FRSFLinear(AbstractFeedbackLinear):
     """Fixed random-magnitude sign-concordant feedback, frSF (Sanfiz & Akrout 2021).
@@ -349,6 +364,13 @@ class FRSFLinear(AbstractFeedbackLinear):
     ) -> Float[Array, "in out"]:
         return self.feedback
 
+    def _feedback_for_call(
+        self, key: PRNGKeyArray | None
+    ) -> tuple[Float[Array, "out in"], bool]:
+        # Bᵀ in the weight's layout: one plain transpose of the fixed magnitudes,
+        # then elementwise work on contiguous rows (see `row_major`).
+        return jnp.abs(row_major(self.magnitude.T)) * jnp.sign(self.weight), True
+
 
 class BRSFLinear(AbstractFeedbackLinear):
     """Batchwise random-magnitude sign-concordant feedback, brSF (Sanfiz & Akrout 2021).
@@ -356,7 +378,9 @@ class BRSFLinear(AbstractFeedbackLinear):
     $$B = |M| \\circ \\operatorname{sign}(W)^\\top, \\qquad
     M \\sim U(-s/\\sqrt{\\mathrm{in}}, s/\\sqrt{\\mathrm{in}})$$
 
-    with $M$ redrawn on every call from `key` (so every call needs one). Under
+    with $M$ redrawn on every call from `key` (so every call needs one): it is
+    `jax.random.uniform(key, (out, in), minval=-s/√in, maxval=s/√in).T`, drawn in the
+    weight's layout. Under
     `jax.vmap`, share the key across the batch (`in_axes=None`): one draw per batch,
     which also keeps the backward pass a single matrix product. `feedback` returns the
     expected value $\\tfrac{s}{2\\sqrt{\\mathrm{in}}} \\operatorname{sign}(W)^\\top$.
@@ -400,9 +424,16 @@ class BRSFLinear(AbstractFeedbackLinear):
     def feedback_matrix(
         self, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "in out"]:
+        return self._feedback_for_call(key)[0].T
+
+    def _feedback_for_call(
+        self, key: PRNGKeyArray | None
+    ) -> tuple[Float[Array, "out in"], bool]:
         if key is None:
             raise ValueError(
                 "BRSFLinear draws new feedback magnitudes on every call: pass `key=`."
             )
-        magnitude = uniform(key, self.weight.shape[::-1], self.scale, self.weight.dtype)
-        return jnp.abs(magnitude) * jnp.sign(self.weight).T
+        # `M` is drawn in the weight's layout, so `Bᵀ` needs no transpose; a fused
+        # Threefry, bit for bit `jax.random.uniform(key, (out, in), ...)`.
+        magnitude = fused_uniform(key, self.weight.shape, self.scale, self.weight.dtype)
+        return jnp.abs(magnitude) * jnp.sign(self.weight), True

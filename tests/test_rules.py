@@ -36,9 +36,10 @@ def _feedback_matrices(model: bfx.MLP, key) -> list[np.ndarray]:
         elif isinstance(layer, bfx.FRSFLinear):
             out.append(np.abs(np.asarray(layer.magnitude)) * np.sign(w).T)
         elif isinstance(layer, bfx.BRSFLinear):
+            # Drawn in the weight's layout, then transposed.
             m = jax.random.uniform(
-                k, w.T.shape, w.dtype, minval=-layer.scale, maxval=layer.scale
-            )
+                k, w.shape, w.dtype, minval=-layer.scale, maxval=layer.scale
+            ).T
             out.append(np.abs(np.asarray(m)) * np.sign(w).T)
         else:
             out.append(w.T)  # backprop
