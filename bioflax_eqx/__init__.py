@@ -1,5 +1,6 @@
 """Equinox layers for learning without weight transport."""
 
+from ._checkpoint import CheckpointError as CheckpointError
 from ._convert import convert as convert
 from ._data import (
     DataNotFoundError as DataNotFoundError,
@@ -25,6 +26,14 @@ from ._linear import (
     KPLinear as KPLinear,
     USFLinear as USFLinear,
 )
+from ._metrics import (
+    alignment_metrics as alignment_metrics,
+    angle as angle,
+    delta_alignment as delta_alignment,
+    gradient_alignment as gradient_alignment,
+    layer_deltas as layer_deltas,
+    weight_alignment as weight_alignment,
+)
 from ._mlp import MLP as MLP
 from ._optim import (
     decay_mask as decay_mask,
@@ -32,6 +41,15 @@ from ._optim import (
     freeze_feedback as freeze_feedback,
 )
 from ._rules import RULES as RULES
+from ._train import (
+    ConfigError as ConfigError,
+    DivergedError as DivergedError,
+    TrainConfig as TrainConfig,
+    TrainResult as TrainResult,
+    compare as compare,
+    load_run as load_run,
+    train as train,
+)
 
 
 __version__ = "0.1.0"

@@ -1,0 +1,255 @@
+"""The `bioflax-eqx` command line: `train` one rule, or `compare` several."""
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ._checkpoint import CheckpointError
+from ._data import DataNotFoundError
+from ._rules import RULES
+from ._train import (
+    ACTIVATIONS,
+    CONFIG_NAME,
+    DATASETS,
+    OPTIMIZERS,
+    SCHEDULES,
+    ConfigError,
+    DivergedError,
+    TrainConfig,
+    TrainResult,
+    compare,
+    comparison_rows,
+    train,
+)
+
+
+_DEFAULTS = TrainConfig()
+
+# (flag, field, type, choices, help); every default is TrainConfig's.
+_OPTIONS: list[tuple[str, str, type, Sequence[str] | None, str]] = [
+    ("--dataset", "dataset", str, DATASETS, "the task"),
+    ("--data-dir", "data_dir", str, None, "folder of the IDX files (MNIST format)"),
+    ("--limit", "limit", int, None, "read only this many train/test IDX examples"),
+    ("--val-size", "val_size", int, None, "training examples held out"),
+    ("--n-train", "n_train", int, None, "training examples of synthetic tasks"),
+    ("--n-test", "n_test", int, None, "test examples of synthetic tasks"),
+    ("--width", "width", int, None, "hidden layer size"),
+    ("--depth", "depth", int, None, "number of hidden layers"),
+    ("--activation", "activation", str, tuple(ACTIVATIONS), "hidden activation"),
+    ("--optimizer", "optimizer", str, OPTIMIZERS, "optimiser"),
+    ("--lr", "lr", float, None, "peak learning rate"),
+    ("--schedule", "schedule", str, SCHEDULES, "learning-rate schedule"),
+    ("--warmup-epochs", "warmup_epochs", int, None, "linear warm-up epochs"),
+    ("--weight-decay", "weight_decay", float, None, "weight decay, in [0, 1)"),
+    ("--batch-size", "batch_size", int, None, "examples per step"),
+    ("--epochs", "epochs", int, None, "epochs to train"),
+    ("--seed", "seed", int, None, "seed of every random choice"),
+    ("--feedback-scale", "feedback_scale", float, None, "scale of random feedback"),
+    ("--metrics-batch", "metrics_batch", int, None, "examples for alignment metrics"),
+]
+_FLAGS = {field: flag for flag, field, *_ in _OPTIONS}
+_FLAGS.update(rule="--rule", out="--out", rules="--rules")
+
+
+def _add_run_options(parser: argparse.ArgumentParser, default_out: str) -> None:
+    # Options default to "not given" so that --resume can tell what was asked for.
+    for flag, field, kind, choices, help in _OPTIONS:
+        parser.add_argument(
+            flag,
+            dest=field,
+            type=kind,
+            choices=choices,
+            default=argparse.SUPPRESS,
+            help=f"{help} (default: {getattr(_DEFAULTS, field)})",
+        )
+    parser.add_argument(
+        "--out",
+        dest="out",
+        default=argparse.SUPPRESS,
+        help=f"output folder (default: {default_out})",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a run already in --out"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The main parser, and each command's (whose `error` names the command)."""
+    parser = argparse.ArgumentParser(
+        prog="bioflax-eqx",
+        description="Train MLPs without weight transport (FA, KP, DFA, sign symmetry).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train_parser = commands.add_parser(
+        "train",
+        help="train one rule",
+        description="Train one rule; writes config.json, metrics.jsonl, a "
+        "checkpoint, summary.json and plots to --out.",
+    )
+    train_parser.add_argument(
+        "--rule",
+        dest="rule",
+        choices=RULES,
+        default=argparse.SUPPRESS,
+        help=f"learning rule (default: {_DEFAULTS.rule})",
+    )
+    _add_run_options(train_parser, "runs/<dataset>-<rule>-seed<seed>")
+    compare_parser = commands.add_parser(
+        "compare",
+        help="train several rules on the same task and seed",
+        description="Train several rules on the same task and seed, each into "
+        "--out/<rule>; print one table and write comparison.json and "
+        "comparison.png.",
+    )
+    compare_parser.add_argument(
+        "--rules",
+        nargs="+",
+        choices=RULES,
+        default=list(RULES),
+        metavar="RULE",
+        help=f"rules to compare (default: all: {' '.join(RULES)})",
+    )
+    _add_run_options(compare_parser, "runs/compare-<dataset>-seed<seed>")
+    return parser, {"train": train_parser, "compare": compare_parser}
+
+
+def _config(args: argparse.Namespace, default_out: str) -> TrainConfig:
+    """The configuration asked for; with --resume, the saved one updated by the
+    options given."""
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if hasattr(args, f.name)
+    }
+    if args.resume and "out" in given:
+        saved = pathlib.Path(given["out"]) / CONFIG_NAME
+        if args.command == "compare":
+            # The comparison's own folder has no config; any rule's will do.
+            candidates = sorted(pathlib.Path(given["out"]).glob(f"*/{CONFIG_NAME}"))
+            saved = candidates[0] if candidates else saved
+        if saved.is_file():
+            fields = json.loads(saved.read_text())
+            fields.pop("out", None)
+            if args.command == "compare":
+                fields.pop("rule", None)
+            given = {**fields, **given}
+    if "out" not in given:
+        given["out"] = default_out.format(**{**_DEFAULTS.to_dict(), **given})
+    return TrainConfig(**given)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _angles(values: list[float | None]) -> str:
+    if all(v is None for v in values):
+        return "-"
+    return "/".join(_fmt(v, ".0f") for v in values)
+
+
+def format_table(results: dict[str, TrainResult]) -> str:
+    """The comparison as a plain-text table."""
+    header = [
+        "rule",
+        "test acc",
+        "test loss",
+        "∠grad",
+        "∠δ per layer",
+        "∠(W,Bᵀ) per layer",
+        "s/epoch",
+    ]
+    rows = [header]
+    for row in comparison_rows(results):
+        acc = row["test_acc"]
+        rows.append(
+            [
+                row["rule"],
+                "-" if acc is None else f"{100 * acc:.2f}%",
+                _fmt(row["test_loss"], ".4f"),
+                _fmt(row["grad_angle"], ".1f"),
+                _angles(row["delta_angles"]),
+                _angles(row["weight_angles"]),
+                _fmt(row["time_per_epoch_s"], ".2f"),
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _report(result: TrainResult) -> str:
+    final: dict[str, Any] = result.history[-1]
+    parts = [f"{result.config.rule} on {result.config.dataset}"]
+    parts.append(f"epoch {final['epoch']}")
+    if final.get("test_acc") is not None:
+        parts.append(f"test accuracy {100 * final['test_acc']:.2f}%")
+    parts.append(f"test loss {_fmt(final.get('test_loss'), '.4f')}")
+    if final.get("grad_angle/global") is not None:
+        parts.append(f"∠grad {final['grad_angle/global']:.1f}°")
+    return ", ".join(parts) + f"; written to {result.config.out}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status."""
+    parser, commands = _parsers()
+    args = parser.parse_args(argv)
+    sub = commands[args.command]
+    default_out = (
+        "runs/{dataset}-{rule}-seed{seed}"
+        if args.command == "train"
+        else "runs/compare-{dataset}-seed{seed}"
+    )
+    try:
+        config = _config(args, default_out)
+    except ConfigError as e:
+        sub.error(f"argument {_FLAGS.get(e.field, e.field)}: {e.reason}")
+    except (ValueError, TypeError) as e:
+        sub.error(str(e))
+    try:
+        if args.command == "train":
+            result = train(
+                config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet
+            )
+            if not args.quiet:
+                print(_report(result))
+        else:
+            results = compare(
+                config,
+                args.rules,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                quiet=args.quiet,
+            )
+            print(format_table(results))
+            if config.out is not None and not args.quiet:
+                print(f"written to {config.out}")
+    except ConfigError as e:
+        sub.error(f"argument {_FLAGS.get(e.field, e.field)}: {e.reason}")
+    except (
+        FileExistsError,
+        CheckpointError,
+        DataNotFoundError,
+        DivergedError,
+        ValueError,
+    ) as e:
+        print(f"bioflax-eqx: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "bioflax-eqx: interrupted; the last checkpoint is kept (--resume).",
+            file=sys.stderr,
+        )
+        return 130
+    return 0

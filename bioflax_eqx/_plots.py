@@ -1,0 +1,132 @@
+"""PNG plots of a run's metrics (matplotlib's Agg canvas, no pyplot state)."""
+
+import io
+import math
+import pathlib
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ._checkpoint import atomic_write
+
+
+_LAYER_KEY = re.compile(r"^(\w+)/(\d+|global)$")
+
+
+def _figure(ncols: int, *, width: float = 4.2, height: float = 3.2):
+    # Imported here: matplotlib is an optional dependency (the `train` extra).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    total = width * ncols
+    fig = Figure(figsize=(total, height))
+    # Fixed margins in inches: a layout engine would cost more than the drawing.
+    fig.subplots_adjust(
+        left=0.75 / total,
+        right=1 - 0.15 / total,
+        bottom=0.55 / height,
+        top=1 - 0.35 / height,
+        wspace=0.4,
+    )
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs
+    return fig, axes
+
+
+def _save(fig, path: pathlib.Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    atomic_write(path, buffer.getvalue())
+
+
+def _values(history: Sequence[dict[str, Any]], key: str) -> list[float]:
+    # JSON null (a metric that was NaN or undefined) plots as a gap.
+    return [math.nan if r.get(key) is None else r[key] for r in history]
+
+
+def _series(history: Sequence[dict[str, Any]], metric: str) -> list[str]:
+    """The run's keys `metric/0`, `metric/1`, ..., then `metric/global`."""
+    keys = {m.group(0) for k in history[0] if (m := _LAYER_KEY.match(k))}
+    layers = sorted(
+        (k for k in keys if k.startswith(metric + "/") and not k.endswith("global")),
+        key=lambda k: int(k.rsplit("/", 1)[1]),
+    )
+    return layers + [k for k in keys if k == f"{metric}/global"]
+
+
+def plot_learning_curves(
+    history: Sequence[dict[str, Any]], path: pathlib.Path, title: str
+) -> None:
+    """Loss (train, validation, test) and accuracy against the epoch."""
+    epochs = [r["epoch"] for r in history]
+    classification = history[0].get("test_acc") is not None
+    fig, axes = _figure(2 if classification else 1)
+    for split in ("train", "val", "test"):
+        if f"{split}_loss" in history[0]:
+            axes[0].plot(epochs, _values(history, f"{split}_loss"), "o-", label=split)
+    axes[0].set(xlabel="epoch", ylabel="loss", yscale="log", title=title)
+    axes[0].legend()
+    if classification:
+        for split in ("train", "val", "test"):
+            if f"{split}_acc" in history[0]:
+                acc = [100 * v for v in _values(history, f"{split}_acc")]
+                axes[1].plot(epochs, acc, "o-", label=split)
+        axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title=title)
+        axes[1].legend()
+    _save(fig, path)
+
+
+_ALIGNMENT_PANELS = (
+    ("grad_angle", "weight gradient vs BP (°)"),
+    ("delta_angle", "δ vs BP's δ (°)"),
+    ("weight_angle", "W vs Bᵀ (°)"),
+)
+
+
+def plot_alignment(
+    history: Sequence[dict[str, Any]], path: pathlib.Path, title: str
+) -> None:
+    """Each alignment angle, one line per layer, against the epoch."""
+    epochs = [r["epoch"] for r in history]
+    panels = [(m, label) for m, label in _ALIGNMENT_PANELS if _series(history, m)]
+    fig, axes = _figure(max(len(panels), 1))
+    for ax, (metric, label) in zip(axes, panels):
+        for key in _series(history, metric):
+            name = key.split("/")[1]
+            style = "k--" if name == "global" else "o-"
+            layer = name if name == "global" else f"layer {name}"
+            ax.plot(epochs, _values(history, key), style, label=layer)
+        ax.set(xlabel="epoch", ylabel=label, ylim=(0, 95), title=title)
+        ax.legend(fontsize="small")
+    _save(fig, path)
+
+
+def plot_comparison(
+    histories: Mapping[str, Sequence[dict[str, Any]]], path: pathlib.Path, title: str
+) -> None:
+    """Test accuracy (or loss) and the global gradient angle of several rules."""
+    fig, axes = _figure(2)
+    for rule, history in histories.items():
+        epochs = [r["epoch"] for r in history]
+        if history[0].get("test_acc") is not None:
+            axes[0].plot(
+                epochs,
+                [100 * v for v in _values(history, "test_acc")],
+                "o-",
+                label=rule,
+            )
+            axes[0].set(ylabel="test accuracy (%)")
+        else:
+            axes[0].plot(epochs, _values(history, "test_loss"), "o-", label=rule)
+            axes[0].set(ylabel="test loss", yscale="log")
+        axes[1].plot(epochs, _values(history, "grad_angle/global"), "o-", label=rule)
+    axes[0].set(xlabel="epoch", title=title)
+    axes[1].set(
+        xlabel="epoch", ylabel="weight gradient vs BP (°, all layers)", ylim=(0, 95)
+    )
+    for ax in axes:
+        ax.legend(fontsize="small")
+    _save(fig, path)

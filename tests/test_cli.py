@@ -1,0 +1,146 @@
+"""The `bioflax-eqx` command line, end to end on a small slice of MNIST."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from bioflax_eqx import _checkpoint
+from bioflax_eqx._cli import main
+
+from .test_train import SMALL
+
+
+def _flags(**options) -> list[str]:
+    flags = []
+    for name, value in options.items():
+        flags += [f"--{name.replace('_', '-')}", str(value)]
+    return flags
+
+
+def _args(out, mnist_dir, *extra, epochs=2, rule="fa") -> list[str]:
+    # The contract's spelling, plus the small configuration of tests/test_train.py
+    # (whose compiled programs these runs then share).
+    return [
+        "train",
+        *["--rule", rule, "--dataset", "mnist", "--data-dir", str(mnist_dir)],
+        *["--epochs", str(epochs), "--lr", "1e-3", "--out", str(out), "--quiet"],
+        *_flags(**{k: v for k, v in SMALL.items() if k != "dataset"}),
+        *extra,
+    ]
+
+
+def _metrics(folder) -> list[dict]:
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [
+        {k: v for k, v in json.loads(line).items() if not k.endswith("_time_s")}
+        for line in lines
+    ]
+
+
+def test_train_then_resume_to_more_epochs_is_bit_identical(tmp_path, mnist_dir):
+    assert main(_args(tmp_path / "whole", mnist_dir, epochs=3)) == 0
+    assert main(_args(tmp_path / "parts", mnist_dir, epochs=2)) == 0
+    # --resume alone reads the rest of the configuration from the folder.
+    resume = ["train", "--out", str(tmp_path / "parts"), "--epochs", "3", "--resume"]
+    assert main([*resume, "--quiet"]) == 0
+    _, whole = _checkpoint.read_header(tmp_path / "whole")
+    header, parts = _checkpoint.read_header(tmp_path / "parts")
+    assert whole == parts and header["epoch"] == 3
+    assert _metrics(tmp_path / "whole") == _metrics(tmp_path / "parts")
+    for name in ("summary.json", "learning_curves.png", "alignment.png"):
+        assert (tmp_path / "parts" / name).is_file()
+    config = json.loads((tmp_path / "parts" / "config.json").read_text())
+    assert config["epochs"] == 3 and config["rule"] == "fa"
+
+
+def test_refusals_and_damaged_checkpoints(tmp_path, mnist_dir, capsys):
+    out = tmp_path / "run"
+    assert main(_args(out, mnist_dir, epochs=1)) == 0
+    written = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+
+    assert main(_args(out, mnist_dir, epochs=1)) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(_args(out, mnist_dir, "--resume", "--width", "8", epochs=2)) == 1
+    assert "different configuration (width=16 there, 8 here)" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == written
+
+    missing = ["train", "--out", str(tmp_path / "nothing"), "--resume", "--quiet"]
+    assert main(missing) == 1
+    assert "does not exist" in capsys.readouterr().err
+    (out / "checkpoint.eqx").write_bytes(written["checkpoint.eqx"][:1000])
+    assert main(["train", "--out", str(out), "--epochs", "2", "--resume"]) == 1
+    assert "truncated or corrupt" in capsys.readouterr().err
+
+    assert main(_args(out, mnist_dir, "--overwrite", epochs=1)) == 0
+    assert (out / "checkpoint.eqx").read_bytes() != written["checkpoint.eqx"][:1000]
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--lr", "-1", "must be a positive number"),
+        ("--lr", "0", "must be a positive number"),
+        ("--weight-decay", "1", r"must be in \[0, 1\)"),
+        ("--weight-decay", "-0.5", r"must be in \[0, 1\)"),
+        ("--width", "0", "must be an integer >= 1"),
+        ("--depth", "-1", "must be an integer >= 0"),
+        ("--batch-size", "501", "at most the 500 training examples"),
+        ("--epochs", "0", "must be an integer >= 1"),
+        ("--rule", "backprop", "invalid choice"),
+        ("--dataset", "cifar10", "invalid choice"),
+        ("--optimizer", "lion", "invalid choice"),
+        ("--lr", "fast", "invalid float value"),
+    ],
+)
+def test_bad_options_fail_before_any_work(
+    flag, value, message, tmp_path, mnist_dir, capsys
+):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        main([*_args(out, mnist_dir), flag, value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_diverging_run_exits_with_a_message(tmp_path, mnist_dir, capsys):
+    # The configuration of test_train's divergence test: its compiled epoch.
+    assert main(_args(tmp_path, mnist_dir, "--lr", "1e30")) == 1
+    assert "training diverged in epoch 1" in capsys.readouterr().err
+
+
+def test_compare_prints_one_table(tmp_path, mnist_dir, capsys):
+    args = _args(tmp_path, mnist_dir, epochs=1)
+    args[0] = "compare"
+    del args[1:3]  # compare takes --rules, not --rule
+    assert main([*args, "--rules", "fa", "bp"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["rule", "test", "acc"]
+    assert [line.split()[0] for line in table[2:4]] == ["fa", "bp"]
+    rows = json.loads((tmp_path / "comparison.json").read_text())
+    assert [row["rule"] for row in rows] == ["fa", "bp"]
+    assert rows[1]["grad_angle"] == 0.0 and rows[1]["weight_angles"] == [None, None]
+    assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "fa" / "summary.json").is_file()
+    assert main([*args, "--rules", "fa", "bp"]) == 1  # a comparison is in the way
+    assert main([*args, "--rules", "fa", "bp", "--resume"]) == 0
+
+
+def test_python_dash_m_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "bioflax_eqx", "train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    for flag in ("--rule", "--dataset", "--data-dir", "--epochs", "--lr", "--out"):
+        assert flag in result.stdout
+    assert "--resume" in result.stdout and "--quiet" in result.stdout

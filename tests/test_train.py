@@ -1,0 +1,365 @@
+"""`bfx.train`: validation before any work, bit-identical resume, no retracing,
+divergence, checkpoint errors, Kolen-Pollack alignment under weight decay.
+
+The MNIST runs share one small configuration (and so their compiled programs)."""
+
+import collections
+import dataclasses
+import json
+import math
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bioflax_eqx as bfx
+from bioflax_eqx import _checkpoint, _train
+
+
+# 500 training, 100 validation and 600 test examples; 10 steps per epoch. A warm-up,
+# so that the step count matters: the optimiser state must be restored exactly.
+SMALL: dict[str, Any] = dict(
+    dataset="mnist",
+    limit=600,
+    val_size=100,
+    width=16,
+    depth=1,
+    batch_size=50,
+    warmup_epochs=1,
+    metrics_batch=100,
+)
+
+
+def small(tmp_path, mnist_dir, **changes) -> bfx.TrainConfig:
+    fields = {**SMALL, "data_dir": str(mnist_dir), "out": str(tmp_path), **changes}
+    return bfx.TrainConfig(**fields)
+
+
+def _without_times(history):
+    return [{k: v for k, v in r.items() if not k.endswith("_time_s")} for r in history]
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(lr=-1e-3), "lr"),
+        (dict(lr=0.0), "lr"),
+        (dict(lr=math.nan), "lr"),
+        (dict(weight_decay=1.0), "weight_decay"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(width=0), "width"),
+        (dict(depth=-1), "depth"),
+        (dict(rule="backprop"), "rule"),
+        (dict(dataset="cifar10"), "dataset"),
+        (dict(optimizer="lion"), "optimizer"),
+        (dict(activation="softplus"), "activation"),
+        (dict(schedule="step"), "schedule"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(batch_size=501), "batch_size"),  # 600 - 100 training examples
+        (dict(epochs=0), "epochs"),
+        (dict(val_size=600), "val_size"),
+        (dict(limit=0), "limit"),
+        (dict(feedback_scale=0.0), "feedback_scale"),
+        (dict(schedule="cosine", warmup_epochs=3, epochs=3), "warmup_epochs"),
+        (dict(dataset="sine", limit=None, n_train=10, val_size=0), "batch_size"),
+        (dict(dataset="sine"), "limit"),
+    ],
+)
+def test_bad_configuration_is_refused_naming_the_field(changes, field, tmp_path):
+    fields = {**SMALL, "out": str(tmp_path / "run"), **changes}
+    with pytest.raises(bfx.ConfigError, match=f"`{field}`") as info:
+        bfx.TrainConfig(**fields)
+    assert info.value.field == field
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_round_trips_and_rejects_unknown_fields():
+    config = bfx.TrainConfig(rule="kp", lr=0.01, epochs=3)
+    assert bfx.TrainConfig.from_dict(config.to_dict()) == config
+    assert config.split_sizes == (55_000, 5000, 10_000)
+    with pytest.raises(bfx.ConfigError, match="`widths` is not a TrainConfig field"):
+        bfx.TrainConfig.from_dict({**config.to_dict(), "widths": [3]})
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_is_bit_identical_and_nothing_retraces(tmp_path, mnist_dir):
+    whole_config = small(tmp_path / "whole", mnist_dir, epochs=3)
+    before = collections.Counter(_train.TRACE_COUNTS)
+    whole = bfx.train(whole_config, quiet=True)
+    # Once at most (other tests may have compiled the same programs already), never
+    # once per epoch.
+    traced = _train.TRACE_COUNTS - before
+    assert set(traced) <= {"epoch", "evaluate"}
+    assert all(count == 1 for count in traced.values())
+
+    def kill_after_epoch_2(record):
+        if record["epoch"] == 2:
+            raise _Killed
+
+    parts_config = small(tmp_path / "parts", mnist_dir, epochs=3)
+    with pytest.raises(_Killed):
+        bfx.train(parts_config, quiet=True, callback=kill_after_epoch_2)
+    assert len(_lines(tmp_path / "parts" / "metrics.jsonl")) == 2
+    assert not (tmp_path / "parts" / "summary.json").exists()
+    resumed = bfx.train(parts_config, resume=True, quiet=True)
+    # Another folder, an interruption and a restored state: no new compilation.
+    assert _train.TRACE_COUNTS - before == traced
+
+    # Model, optimiser state and RNG: the same bytes.
+    whole_header, whole_payload = _checkpoint.read_header(tmp_path / "whole")
+    parts_header, parts_payload = _checkpoint.read_header(tmp_path / "parts")
+    assert whole_payload == parts_payload
+    assert whole_header["epoch"] == parts_header["epoch"] == 3
+    for a, b in zip(
+        jax.tree_util.tree_leaves(whole.model), jax.tree_util.tree_leaves(resumed.model)
+    ):
+        assert a.dtype == jnp.float32  # float32 training, even with x64 on
+        np.testing.assert_array_equal(a, b)
+    assert _without_times(whole.history) == _without_times(resumed.history)
+    assert _without_times(_lines(tmp_path / "whole" / "metrics.jsonl")) == (
+        _without_times(_lines(tmp_path / "parts" / "metrics.jsonl"))
+    )
+    loaded = bfx.load_run(tmp_path / "parts")
+    assert eqx.tree_equal(loaded.model, resumed.model)
+    # Resuming a finished run only rewrites its summary and plots.
+    again = bfx.train(parts_config, resume=True, quiet=True)
+    assert _without_times(again.history) == _without_times(resumed.history)
+
+
+def test_files_written(tmp_path, mnist_dir):
+    result = bfx.train(small(tmp_path, mnist_dir, epochs=2), quiet=True)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == {
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "checkpoint.eqx",
+        "learning_curves.png",
+        "alignment.png",
+    }
+    for png in ("learning_curves.png", "alignment.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "config.json").read_text()) == result.config.to_dict()
+    history = _lines(tmp_path / "metrics.jsonl")
+    assert history == result.history and [r["epoch"] for r in history] == [1, 2]
+    expected = {"train_loss", "train_acc", "val_loss", "val_acc", "test_loss"}
+    expected |= {"test_acc", "lr", "train_time_s", "eval_time_s", "wall_time_s"}
+    expected |= {f"grad_angle/{i}" for i in ("0", "1", "global")}
+    expected |= {f"grad_norm_ratio/{i}" for i in ("0", "1", "global")}
+    expected |= {f"delta_angle/{i}" for i in ("0", "1", "global")}
+    expected |= {"weight_angle/0", "weight_angle/1"}
+    expected |= {"feedback_norm_ratio/0", "feedback_norm_ratio/1"}
+    assert set(history[0]) == expected | {"epoch"}
+    assert 0.0 < history[-1]["test_acc"] <= 1.0
+    assert history[0]["delta_angle/1"] == 0.0  # the output layer's δ is backprop's
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final"] == history[-1] and summary["status"] == "completed"
+    assert summary["n_params"] == 784 * 16 + 16 + 16 * 10 + 10
+    assert summary["n_fixed_feedback_params"] == 784 * 16 + 16 * 10
+
+
+def test_existing_runs_and_bad_checkpoints_are_refused_before_any_work(
+    tmp_path, mnist_dir
+):
+    config = small(tmp_path, mnist_dir, epochs=1)
+    bfx.train(config, quiet=True)
+    written = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def unchanged():
+        return {p.name: p.read_bytes() for p in tmp_path.iterdir()} == written
+
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        bfx.train(config, quiet=True)
+    assert unchanged()
+    other = dataclasses.replace(config, width=8, epochs=2)
+    with pytest.raises(bfx.CheckpointError, match=r"different configuration \(width"):
+        bfx.train(other, resume=True, quiet=True)
+    cosine = dataclasses.replace(config, epochs=2, schedule="cosine")
+    with pytest.raises(bfx.CheckpointError, match="schedule="):
+        bfx.train(cosine, resume=True, quiet=True)
+    shorter = dataclasses.replace(config, epochs=2)
+    missing = dataclasses.replace(shorter, out=str(tmp_path / "nothing"))
+    with pytest.raises(bfx.CheckpointError, match="does not exist"):
+        bfx.train(missing, resume=True, quiet=True)
+    assert unchanged()
+
+    checkpoint = tmp_path / "checkpoint.eqx"
+    checkpoint.write_bytes(written["checkpoint.eqx"][:-100])
+    with pytest.raises(bfx.CheckpointError, match="truncated or corrupt"):
+        bfx.train(shorter, resume=True, quiet=True)
+    with pytest.raises(bfx.CheckpointError, match="truncated or corrupt"):
+        bfx.load_run(tmp_path)
+    checkpoint.unlink()
+    with pytest.raises(bfx.CheckpointError, match="holds no checkpoint"):
+        bfx.train(shorter, resume=True, quiet=True)
+
+    # --overwrite replaces the run.
+    result = bfx.train(shorter, overwrite=True, quiet=True)
+    assert _lines(tmp_path / "metrics.jsonl") == result.history
+    assert len(result.history) == 2
+
+
+def test_huge_learning_rate_stops_with_a_clear_message(tmp_path, mnist_dir):
+    config = small(tmp_path, mnist_dir, lr=1e30, epochs=2)
+    with pytest.raises(bfx.DivergedError, match="diverged in epoch 1.*--lr"):
+        bfx.train(config, quiet=True)
+    assert not (tmp_path / "checkpoint.eqx").exists()
+
+
+def test_nan_keeps_the_last_good_checkpoint(tmp_path, mnist_dir, monkeypatch):
+    real = _train._train_epoch
+    calls = []
+
+    def nan_in_epoch_2(*args):
+        params, opt_state, loss, acc, finite = real(*args)
+        calls.append(None)
+        if len(calls) == 2:
+            return params, opt_state, jnp.float32(jnp.nan), acc, jnp.array(False)
+        return params, opt_state, loss, acc, finite
+
+    monkeypatch.setattr(_train, "_train_epoch", nan_in_epoch_2)
+    config = small(tmp_path, mnist_dir, epochs=3)
+    with pytest.raises(bfx.DivergedError, match=r"epoch 2.*checkpoint \(epoch 1\)"):
+        bfx.train(config, quiet=True)
+    assert len(_lines(tmp_path / "metrics.jsonl")) == 1
+    assert not (tmp_path / "summary.json").exists()
+    assert bfx.load_run(tmp_path).history[-1]["epoch"] == 1
+
+
+def _build(config: bfx.TrainConfig, seed: int = 0) -> bfx.MLP:
+    """The initial model of a run; under train's dtype promotion, so that the
+    operations compiled for the runs of the other tests are reused."""
+    with jax.numpy_dtype_promotion("standard"):
+        key = jax.random.split(jax.random.key(seed), 4)[1]  # as train derives it
+        return _train._build_model(config, key)
+
+
+def test_every_rule_starts_from_the_same_weights():
+    models = {
+        rule: _build(bfx.TrainConfig(rule=rule, **SMALL))
+        # Rules whose layers draw the same shapes: cheap, and convert is generic.
+        for rule in ("bp", "fa", "kp")
+    }
+    for rule, model in models.items():
+        assert model.rule == rule
+        assert eqx.tree_equal(
+            [(layer.weight, layer.bias) for layer in model.layers],
+            [(layer.weight, layer.bias) for layer in models["bp"].layers],
+        ), rule
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_kp_decay_shrinks_weight_minus_feedback(optimizer):
+    # Decay as L2 before the learning-rate scale (sgd; momentum shares its code) or
+    # decoupled (adamw): one step from a zero optimiser state shrinks W - Bᵀ by
+    # exactly (1 - lr * decay).
+    lr, decay = 0.1, 0.3
+    fields = {**SMALL, "warmup_epochs": 0}
+    config = bfx.TrainConfig(
+        rule="kp", optimizer=optimizer, lr=lr, weight_decay=decay, **fields
+    )
+    model = _build(config)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    grads = eqx.tree_at(
+        lambda g: [layer.feedback for layer in _kp_layers(g)],
+        grads,
+        [layer.weight.T for layer in _kp_layers(grads)],
+    )
+    transform = _train._optimizer(config)
+
+    @jax.jit
+    def step(params, grads):
+        updates, _ = transform.update(grads, transform.init(params), params)
+        return eqx.apply_updates(params, updates)
+
+    with jax.numpy_dtype_promotion("standard"):
+        new = eqx.combine(step(params, grads), model)
+    # Adam's first step is ±lr for W and Bᵀ alike: L2 before it leaves W - Bᵀ as is
+    # (after it, W - Bᵀ would grow by 1 + decay).
+    factor = 1.0 if optimizer == "adam" else 1 - lr * decay
+    for before, after in zip(_kp_layers(model), _kp_layers(new)):
+        np.testing.assert_allclose(
+            after.weight - after.feedback.T,
+            factor * (before.weight - before.feedback.T),
+            rtol=1e-5,
+            atol=1e-7,  # float32, as trained
+        )
+        # Biases are not decayed: a gradient of one moves them by -lr.
+        assert after.bias is not None and before.bias is not None
+        np.testing.assert_allclose(after.bias - before.bias, -lr, rtol=1e-5)
+
+
+def _kp_layers(model: bfx.MLP) -> list[bfx.KPLinear]:
+    layers = [layer for layer in model.layers if isinstance(layer, bfx.KPLinear)]
+    assert len(layers) == len(model.layers)
+    return layers
+
+
+def test_schedules():
+    fields = {**SMALL, "lr": 0.5, "epochs": 3}  # 10 steps per epoch
+    config = bfx.TrainConfig(**fields, schedule="cosine")
+    schedule = _train._schedule(config)
+
+    def lr(step):
+        return float(jnp.asarray(schedule(step)))
+
+    assert lr(0) == 0.0
+    assert lr(10) == pytest.approx(0.5)
+    assert lr(20) == pytest.approx(0.25)
+    assert lr(30) == pytest.approx(0.0, abs=1e-12)
+    config = bfx.TrainConfig(**{**fields, "warmup_epochs": 0})
+    schedule = _train._schedule(config)
+    assert lr(0) == lr(1000) == 0.5
+
+
+def test_kp_feedback_aligns_with_the_weights_under_weight_decay(tmp_path):
+    # With the same decay on W and B, W - Bᵀ shrinks by (1 - 0.05 * 0.5) per step:
+    # after 200 steps to 0.6% of where it started, at ~90°.
+    config = bfx.TrainConfig(
+        rule="kp",
+        dataset="sine",
+        n_train=1000,
+        val_size=100,
+        n_test=100,
+        width=16,
+        depth=1,
+        activation="tanh",
+        optimizer="sgd",
+        lr=0.05,
+        weight_decay=0.5,
+        batch_size=10,
+        epochs=2,
+        metrics_batch=100,
+        out=str(tmp_path),
+    )
+    initial = bfx.weight_alignment(_build(config))
+    assert all(float(initial[f"weight_angle/{i}"]) > 45 for i in (0, 1))
+    result = bfx.train(config, quiet=True)
+    final = result.history[-1]
+    for i in range(2):
+        assert final[f"weight_angle/{i}"] < 5.0, final
+    # Regression: losses but no accuracies, and still plots.
+    assert final["test_acc"] is None and final["test_loss"] > 0
+    assert "best_val_acc" not in result.summary
+    assert (tmp_path / "learning_curves.png").exists()
+
+
+def test_no_output_folder_writes_nothing(tmp_path, mnist_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = small(tmp_path, mnist_dir, epochs=1, out=None)
+    result = bfx.train(config, quiet=True)
+    assert list(tmp_path.iterdir()) == []
+    assert result.summary["epochs"] == 1
+    with pytest.raises(bfx.ConfigError, match="`out`"):
+        bfx.train(config, resume=True)
