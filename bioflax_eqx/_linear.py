@@ -109,12 +109,12 @@ class AbstractFeedbackLinear(AbstractFeedbackModule):
         `B`, of shape `(in_features, out_features)`.
         """
 
+    @abc.abstractmethod
     def _feedback_for_call(
         self, key: PRNGKeyArray | None
     ) -> tuple[Float[Array, "in out"] | Float[Array, "out in"], bool]:
         """`(B, False)`, or `(Bᵀ, True)` for rules that build `Bᵀ` in the weight's
         layout more cheaply; the same matrix as `feedback_matrix(key=key)`."""
-        return self.feedback_matrix(key=key), False
 
     def __call__(
         self, x: Float[Array, " in"], *, key: PRNGKeyArray | None = None
@@ -208,6 +208,11 @@ class FALinear(AbstractFeedbackLinear):
     ) -> Float[Array, "in out"]:
         return self.feedback
 
+    def _feedback_for_call(
+        self, key: PRNGKeyArray | None
+    ) -> tuple[Float[Array, "in out"], bool]:
+        return self.feedback, False
+
 
 class KPLinear(AbstractFeedbackLinear):
     """Kolen-Pollack (Kolen & Pollack 1994; Akrout et al. 2019).
@@ -256,6 +261,11 @@ class KPLinear(AbstractFeedbackLinear):
         self, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "in out"]:
         return self.feedback
+
+    def _feedback_for_call(
+        self, key: PRNGKeyArray | None
+    ) -> tuple[Float[Array, "in out"], bool]:
+        return self.feedback, False
 
 
 class USFLinear(AbstractFeedbackLinear):
