@@ -12,19 +12,11 @@ from ._data import (
     teacher_student as teacher_student,
 )
 from ._dfa import (
+    DFA as DFA,
     DFAFeedback as DFAFeedback,
-    DFALinear as DFALinear,
+    Sequential as Sequential,
     close_error_channel as close_error_channel,
     open_error_channel as open_error_channel,
-)
-from ._linear import (
-    AbstractFeedbackLinear as AbstractFeedbackLinear,
-    AbstractFeedbackModule as AbstractFeedbackModule,
-    BRSFLinear as BRSFLinear,
-    FALinear as FALinear,
-    FRSFLinear as FRSFLinear,
-    KPLinear as KPLinear,
-    USFLinear as USFLinear,
 )
 from ._metrics import (
     alignment_metrics as alignment_metrics,
@@ -39,8 +31,18 @@ from ._optim import (
     decay_mask as decay_mask,
     feedback_labels as feedback_labels,
     freeze_feedback as freeze_feedback,
+    trainable as trainable,
 )
-from ._rules import RULES as RULES
+from ._rules import (
+    BRSF as BRSF,
+    FA as FA,
+    FRSF as FRSF,
+    KP as KP,
+    RULES as RULES,
+    USF as USF,
+    AbstractFeedback as AbstractFeedback,
+    AbstractRule as AbstractRule,
+)
 from ._train import (
     ConfigError as ConfigError,
     DivergedError as DivergedError,

@@ -1,19 +1,168 @@
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
-from jaxtyping import PRNGKeyArray
+from jaxtyping import PRNGKeyArray, PyTree
 
-from ._dfa import DFALinear
-from ._linear import AbstractFeedbackLinear
-from ._rules import check_rule, make_linear
+from ._dfa import DFA, Sequential
+from ._mlp import MLP
+from ._rules import WRAPPERS, AbstractRule, check_rule
 
 
 _Model = TypeVar("_Model")
 
+# The layers every rule knows how to wrap: linear in their input, with a `weight`.
+# `eqx.nn.Conv1d/2d/3d` and `ConvTranspose1d/2d/3d` are subclasses of these.
+LINEAR_LAYERS = (eqx.nn.Linear, eqx.nn.Conv, eqx.nn.ConvTranspose)
 
-def _is_dense(x) -> bool:
-    return isinstance(x, eqx.nn.Linear | AbstractFeedbackLinear | DFALinear)
+
+def is_linear_layer(x: object) -> bool:
+    return isinstance(x, LINEAR_LAYERS)
+
+
+def _is_wrapper(x: object) -> bool:
+    return isinstance(x, AbstractRule | DFA)
+
+
+def _is_node(x: object) -> bool:
+    """A linear layer, or a wrapper around one (a DFA around a block is not: the
+    block's layers are the nodes)."""
+    if isinstance(x, DFA):
+        return is_linear_layer(x.layer)
+    return is_linear_layer(x) or isinstance(x, AbstractRule)
+
+
+def unwrap(model: _Model) -> _Model:
+    """`model` with every rule wrapper replaced by the layer (or block) it wraps."""
+    return jax.tree_util.tree_map(
+        lambda x: unwrap(x.layer) if _is_wrapper(x) else x, model, is_leaf=_is_wrapper
+    )
+
+
+def linear_layers(tree: PyTree) -> list:
+    """The linear layers of a model, wrapped or not, in pytree order (each wrapper
+    counts as its layer; the layers inside a DFA-wrapped block count one by one)."""
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=_is_node)
+    return [x for x in leaves if _is_node(x)]
+
+
+def _keys(key: PRNGKeyArray) -> Callable[[], PRNGKeyArray]:
+    state = [key]
+
+    def next_key():
+        state[0], k = jax.random.split(state[0])
+        return k
+
+    return next_key
+
+
+def _wrap(model: Any, rule: str, next_key, feedback_scale: float) -> Any:
+    wrapper = WRAPPERS[rule]
+
+    def wrap(x):
+        if not is_linear_layer(x):
+            return x
+        return wrapper(x, feedback_scale=feedback_scale, key=next_key())
+
+    return jax.tree_util.tree_map(wrap, model, is_leaf=is_linear_layer)
+
+
+def _has_layers(x: object) -> bool:
+    leaves = jax.tree_util.tree_leaves(x, is_leaf=is_linear_layer)
+    return any(is_linear_layer(leaf) for leaf in leaves)
+
+
+def _output_shape(layer: Any, shape: tuple[int, ...], dtype) -> tuple[int, ...]:
+    """One example's output shape, by tracing `layer` (no compute)."""
+    x = jax.ShapeDtypeStruct(shape, dtype)
+    if isinstance(layer, eqx.nn.StatefulLayer) and layer.is_stateful():
+        state = eqx.nn.State(layer)
+        axis_name = getattr(layer, "axis_name", None)
+
+        def call(xs):
+            return jax.vmap(lambda xi: layer(xi, state)[0], axis_name=axis_name)(xs)
+
+        return jax.eval_shape(call, jax.ShapeDtypeStruct((2, *shape), dtype)).shape[1:]
+    return jax.eval_shape(lambda xi: layer(xi), x).shape
+
+
+def _dfa_layers(
+    layers: Sequence[Any],
+    shape: tuple[int, ...] | None,
+    dtype,
+    error_features: int,
+    next_key,
+    feedback_scale: float,
+) -> tuple[list[Any], tuple[int, ...] | None]:
+    out = []
+    for layer in layers:
+        if isinstance(layer, eqx.nn.Sequential | Sequential):
+            inner, shape = _dfa_layers(
+                layer.layers, shape, dtype, error_features, next_key, feedback_scale
+            )
+            out.append(Sequential(inner))
+            continue
+        if _has_layers(layer):
+            out.append(
+                DFA(
+                    layer,
+                    error_features,
+                    input_shape=shape if not isinstance(layer, eqx.nn.Linear) else None,
+                    feedback_scale=feedback_scale,
+                    key=next_key(),
+                )
+                if shape is not None or isinstance(layer, eqx.nn.Linear)
+                else _needs_shape(layer)
+            )
+        else:
+            out.append(layer)
+        if isinstance(layer, eqx.nn.Linear) and layer.out_features != "scalar":
+            shape = (layer.out_features,)
+        elif shape is not None:
+            shape = _output_shape(layer, shape, dtype)
+    return out, shape
+
+
+def _needs_shape(layer: Any):
+    raise ValueError(
+        f"converting to DFA needs `input_shape=` (one example's input shape) to size "
+        f"the feedback of a {type(layer).__name__}, whose input size is not part of "
+        f"the layer."
+    )
+
+
+def _to_dfa(
+    model: Any,
+    error_features: int,
+    input_shape: Sequence[int] | None,
+    next_key,
+    feedback_scale: float,
+) -> Any:
+    shape = None if input_shape is None else tuple(input_shape)
+    dtype = jax.dtypes.canonicalize_dtype(float)
+    if isinstance(model, eqx.nn.Sequential | Sequential):
+        layers, _ = _dfa_layers(
+            model.layers, shape, dtype, error_features, next_key, feedback_scale
+        )
+        return Sequential(layers)
+    if isinstance(model, eqx.nn.MLP | MLP):
+        if isinstance(model, eqx.nn.MLP):
+            model = MLP.from_eqx(model)
+        layers = tuple(
+            DFA(layer, error_features, feedback_scale=feedback_scale, key=next_key())
+            for layer in model.layers  # pyright: ignore[reportAttributeAccessIssue]
+        )
+        return eqx.tree_at(lambda m: m.layers, model, layers)
+    if _has_layers(model):
+        raise ValueError(
+            "convert(..., 'dfa') threads the error channel through an "
+            "`eqx.nn.Sequential`, `bfx.Sequential`, `eqx.nn.MLP` or `bfx.MLP`, not "
+            f"through a {type(model).__name__}: in a model of your own, wrap layers "
+            "or blocks in `bfx.DFA` and thread the channel in its `__call__` (see "
+            "the guide), or build the model from `bfx.Sequential`."
+        )
+    return model
 
 
 def convert(
@@ -23,25 +172,35 @@ def convert(
     key: PRNGKeyArray | None = None,
     feedback_scale: float = 1.0,
     error_features: int | None = None,
+    input_shape: Sequence[int] | None = None,
 ) -> _Model:
-    """A copy of any Equinox model with every dense layer replaced by `rule`'s layer.
+    """A copy of any Equinox model with every linear layer trained by `rule`.
 
-    Each `eqx.nn.Linear` (or feedback layer) keeps its weight and bias and gets a
-    fresh feedback matrix; `rule="bp"` turns feedback layers back into
-    `eqx.nn.Linear` with the same weights, which is how backprop's gradient at the
-    same parameters is computed. Layers are found anywhere in the pytree.
+    Every `eqx.nn.Linear`, `eqx.nn.Conv*` and `eqx.nn.ConvTranspose*` anywhere in the
+    pytree (inside `eqx.nn.Sequential`, lists, dicts, custom modules, the four
+    projections of `eqx.nn.MultiheadAttention`) is wrapped in the rule's class
+    ([`bioflax_eqx.FA`][], [`bioflax_eqx.KP`][], ...) with fresh feedback; weights
+    and biases are kept, and norms, pooling, dropout and embeddings stay on
+    backprop. A model that already uses a rule is unwrapped first, and
+    `rule="bp"` returns the plain Equinox layers, bit for bit, which is how
+    backprop's gradient at the same parameters is computed.
 
-    For `rule="dfa"` the layers become [`bioflax_eqx.DFALinear`][], whose call threads
-    an error channel: the model's `__call__` must open, pass and close it, as
-    [`bioflax_eqx.MLP`][] does; pass `error_features` (the model's output size).
+    For `rule="dfa"` the model must thread the error channel: an `eqx.nn.Sequential`
+    becomes a [`bioflax_eqx.Sequential`][] whose linear layers, and blocks holding
+    linear layers (Launay et al.'s macro placement), are wrapped in
+    [`bioflax_eqx.DFA`][]; an `eqx.nn.MLP` becomes a [`bioflax_eqx.MLP`][]. Pass
+    `error_features` (the output size) and, if the model has convolutions,
+    `input_shape`.
 
     **Arguments:**
 
     - `model`: any pytree.
-    - `rule`: one of `"bp" | "fa" | "kp" | "dfa" | "usf" | "brsf" | "frsf"`.
-    - `key`: draws the new feedback matrices; needed unless `rule` is `"bp"` or `"usf"`.
-    - `feedback_scale`: scale of the new feedback (see each layer).
+    - `rule`: one of [`bioflax_eqx.RULES`][].
+    - `key`: draws the new feedback; needed unless `rule` is `"bp"` or `"usf"`.
+    - `feedback_scale`: scale of the new feedback (see each rule).
     - `error_features`: the network output size, for `rule="dfa"` only.
+    - `input_shape`: one example's input shape, for `rule="dfa"` on models whose
+        first layers are not dense (it sizes each layer's feedback).
 
     **Returns:**
 
@@ -51,32 +210,13 @@ def convert(
     if key is None:
         if rule not in ("bp", "usf"):
             raise ValueError(f"converting to rule {rule!r} needs `key=`.")
-        key = jax.random.key(0)  # only used for weights that are then replaced
-    layers = [
-        x for x in jax.tree_util.tree_leaves(model, is_leaf=_is_dense) if _is_dense(x)
-    ]
-    keys = iter(jax.random.split(key, max(len(layers), 1)))
-
-    def _convert(x):
-        if not _is_dense(x):
-            return x
-        if x.in_features == "scalar" or x.out_features == "scalar":
-            raise ValueError("convert does not support `eqx.nn.Linear` with 'scalar'.")
-        new = make_linear(
-            rule,
-            x.in_features,
-            x.out_features,
-            x.bias is not None,
-            x.weight.dtype,
-            error_features=error_features,
-            feedback_scale=feedback_scale,
-            key=next(keys),
-        )
-        return eqx.tree_at(
-            lambda layer: (layer.weight, layer.bias),
-            new,
-            (x.weight, x.bias),
-            is_leaf=lambda leaf: leaf is None,
-        )
-
-    return jax.tree_util.tree_map(_convert, model, is_leaf=_is_dense)
+        key = jax.random.key(0)  # unused: these rules draw nothing
+    plain = unwrap(model)
+    if rule == "bp":
+        return plain
+    next_key = _keys(key)
+    if rule == "dfa":
+        if error_features is None:
+            raise ValueError("rule 'dfa' needs `error_features` (the output size).")
+        return _to_dfa(plain, error_features, input_shape, next_key, feedback_scale)
+    return _wrap(plain, rule, next_key, feedback_scale)

@@ -4,35 +4,38 @@ feedback point, in any Equinox model.
 The channel is a zero vector threaded through the forward pass next to the
 activations. It changes nothing going forward; going backward, `close_error_channel`
 puts the network's output error `e` on it, and every feedback point reads `e` from it
-and sends `B e` to its activation. Write a model like this:
+and sends `B e` to its activation. [`bioflax_eqx.Sequential`][] threads it for you;
+in a model of your own, write
 
 ```python
 def __call__(self, x):
     channel = bfx.open_error_channel(x, 10)
-    h, channel = self.layer1(x, channel)      # a DFALinear
-    h, channel = self.point(block(h), channel)  # a DFAFeedback after any block
+    h, channel = self.layer1(x, channel)        # a bfx.DFA around any layer
+    h, channel = self.point(block(h), channel)  # a bfx.DFAFeedback after any block
     y, channel = self.layer2(jax.nn.relu(h), channel)
     return bfx.close_error_channel(y, channel)
 ```
 """
 
-from typing import ClassVar
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from equinox.nn import State, StatefulLayer
 from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._feedback import close, direct_feedback, open_channel
-from ._linear import (
-    AbstractFeedbackModule,
-    check_array,
-    check_linear,
-    init_feedback,
-    init_parameters,
-)
-from ._misc import check_input, check_positive, check_scale, default_floating_dtype
+from ._misc import check_positive, check_scale, default_floating_dtype, uniform
+from ._rules import AbstractFeedback
+
+
+# Equinox's own marker for "no state passed".
+# A marker for "no state passed" (as `eqx.nn.Sequential` has).
+_sentinel: Any = object()
 
 
 def open_error_channel(
@@ -83,35 +86,63 @@ def close_error_channel(
     return close(output, channel)
 
 
-def _check_channel(channel: Array, error_features: int, name: str) -> None:
-    if channel.shape != (error_features,):
+def _shape(shape: int | Sequence[int], name: str) -> tuple[int, ...]:
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    check_positive(**{f"{name}[{i}]": n for i, n in enumerate(shape)})
+    return shape
+
+
+def _init_feedback(
+    shape: tuple[int, ...], error_features: int, scale: float, dtype, key
+) -> Array:
+    """`B ~ U(-s/√size, s/√size)` of shape `(*shape, error_features)`, `size` the
+    number of entries of the activation it feeds."""
+    check_positive(error_features=error_features)
+    check_scale("feedback_scale", scale)
+    bound = scale / math.sqrt(math.prod(shape))
+    return uniform(key, (*shape, error_features), bound, dtype)
+
+
+def _check_point(name: str, feedback: Array, h: Array, channel: Array) -> None:
+    if feedback.ndim < 2:
+        raise ValueError(f"{name}'s `feedback` must have shape (*shape, error).")
+    if h.shape != feedback.shape[:-1]:
+        hint = (
+            " Layers take one example; batch with `jax.vmap`."
+            if h.shape[1:] == feedback.shape[:-1]
+            else ""
+        )
         raise ValueError(
-            f"{name} expects an error channel of shape ({error_features},), got "
+            f"{name} expects an activation of shape {feedback.shape[:-1]}, got "
+            f"{h.shape}.{hint}"
+        )
+    if channel.shape != feedback.shape[-1:]:
+        raise ValueError(
+            f"{name} expects an error channel of shape {feedback.shape[-1:]}, got "
             f"{channel.shape}; open it with `bfx.open_error_channel`."
         )
 
 
-class DFAFeedback(AbstractFeedbackModule):
+class DFAFeedback(AbstractFeedback):
     """A DFA feedback point: place it after any block of an Equinox model.
 
     Identity going forward. Going backward, the activation `h` it wraps receives
 
-    $$\\bar h = B e,$$
+    $$\\bar h = B e, \\qquad (B e)_{i} = \\sum_k B_{ik} e_k,$$
 
-    where `e = ∂L/∂y` is the network's output error read from the error channel;
-    whatever cotangent reaches `h` from later layers is discarded, so no backward chain
-    runs. Inside the block, ordinary backprop turns `B e` into the block's gradients.
-    `feedback` has shape `(features, error_features)` and never trains.
+    where `e = ∂L/∂y` is the network's output error read from the error channel and
+    `i` runs over every entry of `h` (any shape, e.g. a conv feature map); whatever
+    cotangent reaches `h` from later layers is discarded, so no backward chain runs.
+    Inside the block, ordinary backprop turns `B e` into the block's gradients.
+    `feedback` has shape `(*h.shape, error_features)` and never trains.
     """
 
-    feedback: Float[Array, "features error_features"]
-    features: int = eqx.field(static=True)
-    error_features: int = eqx.field(static=True)
+    feedback: Float[Array, "*shape error_features"]
     trains_feedback: ClassVar[bool] = False
 
     def __init__(
         self,
-        features: int,
+        shape: int | Sequence[int],
         error_features: int,
         dtype=None,
         *,
@@ -120,35 +151,41 @@ class DFAFeedback(AbstractFeedbackModule):
     ):
         """**Arguments:**
 
-        - `features`: the size of the activation it wraps.
+        - `shape`: the shape of the activation it wraps (an int for a vector).
         - `error_features`: the size of the network output.
         - `dtype`: defaults to JAX's default float.
-        - `feedback_scale`: `B ~ U(-s/√features, s/√features)`, `s = feedback_scale`.
+        - `feedback_scale`: `B ~ U(-s/√size, s/√size)`, `s = feedback_scale`, `size`
+            the number of entries of the activation.
         - `key`: a `jax.random.PRNGKey`.
         """
-        check_positive(features=features, error_features=error_features)
-        check_scale("feedback_scale", feedback_scale)
         dtype = default_floating_dtype() if dtype is None else dtype
-        self.feedback = init_feedback(
-            features, error_features, feedback_scale, dtype, key
+        self.feedback = _init_feedback(
+            _shape(shape, "shape"), error_features, feedback_scale, dtype, key
         )
-        self.features = features
-        self.error_features = error_features
 
     def __check_init__(self):
-        check_positive(features=self.features, error_features=self.error_features)
-        check_array("feedback", self.feedback, (self.features, self.error_features))
+        if self.feedback.ndim < 2:
+            raise ValueError("`feedback` must have shape (*shape, error_features).")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the activation it wraps."""
+        return self.feedback.shape[:-1]
+
+    @property
+    def error_features(self) -> int:
+        return self.feedback.shape[-1]
 
     def __call__(
         self,
-        h: Float[Array, " features"],
+        h: Float[Array, "*shape"],
         channel: Float[Array, " error_features"],
         *,
         key: PRNGKeyArray | None = None,
-    ) -> tuple[Float[Array, " features"], Float[Array, " error_features"]]:
+    ) -> tuple[Float[Array, "*shape"], Float[Array, " error_features"]]:
         """**Arguments:**
 
-        - `h`: one example's activation, shape `(features,)`.
+        - `h`: one example's activation, of shape `shape`.
         - `channel`: the error channel.
         - `key`: ignored.
 
@@ -156,93 +193,270 @@ class DFAFeedback(AbstractFeedbackModule):
 
         `(h, channel)`, unchanged.
         """
-        check_input(h, self.features, "DFAFeedback")
-        _check_channel(channel, self.error_features, "DFAFeedback")
-        check_array("feedback", self.feedback, (self.features, self.error_features))
+        _check_point("DFAFeedback", self.feedback, h, channel)
         return direct_feedback(h, channel, self.feedback)
 
 
-class DFALinear(AbstractFeedbackModule):
-    """Direct Feedback Alignment (Nøkland 2016): a dense layer `y = W x + b` whose
-    input receives the network's output error directly.
+def _is_stateful(layer: object) -> bool:
+    return isinstance(layer, StatefulLayer) and layer.is_stateful()
 
-    With `g = ∂L/∂y` at the layer's own output and `e` the network's output error,
+
+def _input_shape(layer: object) -> tuple[int, ...] | None:
+    if isinstance(layer, eqx.nn.Linear) and layer.in_features != "scalar":
+        return (layer.in_features,)
+    return None
+
+
+class DFA(AbstractFeedback):
+    """Direct Feedback Alignment (Nøkland 2016) around any layer or block.
+
+    A [`bioflax_eqx.DFAFeedback`][] point at the input of `layer`, then `layer` itself
+    with plain backprop inside. With `g = ∂L/∂y` at the layer's own output and `e` the
+    network's output error, for a dense layer
 
     $$\\bar x = B e, \\qquad \\Delta W \\propto g x^\\top, \\qquad \\Delta B = 0,$$
 
     so in an MLP the hidden update is $\\delta_l = \\phi'(a_l) \\odot B_{l+1} e$ and the
-    last layer gets $g = e$. `feedback` has shape `(in_features, error_features)`. The
-    layer threads the error channel (see [`bioflax_eqx.open_error_channel`][]); it is a
-    linear map with a [`bioflax_eqx.DFAFeedback`][] point at its input.
+    last layer gets $g = e$. No cotangent of `layer`'s input is ever computed through
+    its weights: the chain is cut. `feedback` has shape `(*input_shape,
+    error_features)` (`(in_features, error_features)` for a dense layer). Wrapping a
+    whole block (a residual block, an attention block) gives Launay et al.'s "macro"
+    placement: one feedback point per block, backprop inside it.
+
+    The call threads the error channel (see [`bioflax_eqx.open_error_channel`][]);
+    [`bioflax_eqx.Sequential`][] and [`bioflax_eqx.MLP`][] do it for you.
     """
 
-    weight: Float[Array, "out in"]
-    bias: Float[Array, " out"] | None
-    feedback: Float[Array, "in error_features"]
-    in_features: int = eqx.field(static=True)
-    out_features: int = eqx.field(static=True)
-    error_features: int = eqx.field(static=True)
-    use_bias: bool = eqx.field(static=True)
+    layer: Callable
+    feedback: Float[Array, "*input_shape error_features"]
     trains_feedback: ClassVar[bool] = False
 
     def __init__(
         self,
-        in_features: int,
-        out_features: int,
+        layer: Callable,
         error_features: int,
-        use_bias: bool = True,
-        dtype=None,
         *,
+        input_shape: int | Sequence[int] | None = None,
         feedback_scale: float = 1.0,
+        dtype=None,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
 
-        - `in_features`, `out_features`: input and output sizes.
+        - `layer`: any Equinox layer or block, called as `layer(x, key=key)` (or
+            `layer(x, state, key=key)` if it is a stateful layer).
         - `error_features`: the size of the network output (the error `e`).
-        - `use_bias`, `dtype`, `feedback_scale`, `key`: as [`bioflax_eqx.FALinear`][];
-            `B ~ U(-s/√in, s/√in)`.
+        - `input_shape`: the shape of one example's input to `layer`; read off an
+            `eqx.nn.Linear`, needed for anything else (a conv's input size is not
+            part of the layer).
+        - `feedback_scale`: `B ~ U(-s/√size, s/√size)`, `s = feedback_scale`, `size`
+            the number of entries of the input.
+        - `dtype`: the dtype of `B`; defaults to the layer's weight's, else JAX's
+            default float.
+        - `key`: a `jax.random.PRNGKey`.
         """
-        check_positive(error_features=error_features)
-        lkey, fkey = jax.random.split(key)
-        self.weight, self.bias, _ = init_parameters(
-            in_features, out_features, use_bias, dtype, feedback_scale, lkey
+        shape = _input_shape(layer) if input_shape is None else input_shape
+        if shape is None:
+            raise ValueError(
+                f"DFA needs `input_shape=` (one example's input shape) to wrap a "
+                f"{type(layer).__name__}: its feedback has shape "
+                f"(*input_shape, error_features)."
+            )
+        if dtype is None:
+            weight = getattr(layer, "weight", None)
+            dtype = (
+                weight.dtype  # pyright: ignore[reportOptionalMemberAccess]
+                if eqx.is_inexact_array(weight)
+                else default_floating_dtype()
+            )
+        self.layer = layer
+        self.feedback = _init_feedback(
+            _shape(shape, "input_shape"), error_features, feedback_scale, dtype, key
         )
-        self.feedback = init_feedback(
-            in_features, error_features, feedback_scale, self.weight.dtype, fkey
-        )
-        self.in_features, self.out_features = in_features, out_features
-        self.error_features = error_features
-        self.use_bias = use_bias
 
     def __check_init__(self):
-        check_linear(self)
-        check_positive(error_features=self.error_features)
-        check_array("feedback", self.feedback, (self.in_features, self.error_features))
+        if self.feedback.ndim < 2:
+            raise ValueError(
+                "`feedback` must have shape (*input_shape, error_features)."
+            )
+        expected = _input_shape(self.layer)
+        if expected is not None and self.feedback.shape[:-1] != expected:
+            raise ValueError(
+                f"`feedback` must have shape {(*expected, self.error_features)} for "
+                f"this layer, got {self.feedback.shape}."
+            )
+
+    @property
+    def weight(self) -> Float[Array, "..."]:
+        """The wrapped layer's weight."""
+        return self.layer.weight  # pyright: ignore[reportFunctionMemberAccess]
+
+    @property
+    def bias(self) -> Float[Array, "..."] | None:
+        """The wrapped layer's bias, or `None`."""
+        return getattr(self.layer, "bias", None)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.feedback.shape[:-1]
+
+    @property
+    def error_features(self) -> int:
+        return self.feedback.shape[-1]
+
+    def is_stateful(self) -> bool:
+        """Whether the wrapped layer takes and returns a state."""
+        return _is_stateful(self.layer)
 
     def __call__(
         self,
-        x: Float[Array, " in"],
+        x: Float[Array, "*input_shape"],
         channel: Float[Array, " error_features"],
+        state: State = _sentinel,
         *,
         key: PRNGKeyArray | None = None,
-    ) -> tuple[Float[Array, " out"], Float[Array, " error_features"]]:
+    ) -> (
+        tuple[Array, Float[Array, " error_features"]]
+        | tuple[Array, Float[Array, " error_features"], State]
+    ):
         """**Arguments:**
 
-        - `x`: one example, shape `(in_features,)`.
+        - `x`: one example's input to the layer.
         - `channel`: the error channel.
-        - `key`: ignored.
+        - `state`: passed to a stateful layer (then the state is returned too).
+        - `key`: passed to the layer.
 
         **Returns:**
 
-        `(weight @ x + bias, channel)`.
+        `(layer(x), channel)`, or `(y, channel, state)` when `state` is passed.
         """
-        check_input(x, self.in_features, "DFALinear")
-        _check_channel(channel, self.error_features, "DFALinear")
-        check_array("feedback", self.feedback, (self.in_features, self.error_features))
+        _check_point(type(self).__name__, self.feedback, x, channel)
         x, channel = direct_feedback(x, channel, self.feedback)
-        # The weight path sees no cotangent to `x`, so no Wᵀ chain is ever built.
-        y = self.weight @ lax.stop_gradient(x)
-        if self.bias is not None:
-            y = y + self.bias
-        return y, channel
+        # The layer sees no cotangent to `x`, so no chain through its weights.
+        x = lax.stop_gradient(x)
+        if state is _sentinel:
+            return self.layer(x, key=key), channel
+        if self.is_stateful():
+            y, state = self.layer(x, state, key=key)
+        else:
+            y = self.layer(x, key=key)
+        return y, channel, state
+
+
+def error_features_of(layers: Sequence[object]) -> int | None:
+    """The output size that the DFA units among `layers` (nested `Sequential`s
+    included) expect; `None` if there are none. They must agree."""
+    sizes = {
+        x.error_features
+        for x in jax.tree_util.tree_leaves(
+            list(layers), is_leaf=lambda x: isinstance(x, DFA | DFAFeedback)
+        )
+        if isinstance(x, DFA | DFAFeedback)
+    }
+    if len(sizes) > 1:
+        raise ValueError(f"the DFA layers disagree on `error_features`: {sizes}.")
+    return sizes.pop() if sizes else None
+
+
+class Sequential(StatefulLayer):
+    """`eqx.nn.Sequential` that also threads DFA's error channel.
+
+    Calls its layers in order, like `eqx.nn.Sequential` (a key split per layer, state
+    passed to stateful layers). If any layer is a [`bioflax_eqx.DFA`][] or a
+    [`bioflax_eqx.DFAFeedback`][] point (here or in a nested `Sequential`), it opens
+    the error channel from its input, passes it through those layers and closes it
+    at its output, so a conv net trained by DFA needs no channel code at all. Any
+    other layer (activations, pooling, norms, blocks) runs on plain backprop.
+    """
+
+    layers: tuple[Callable, ...]
+
+    def __init__(self, layers: Sequence[Callable]):
+        """**Arguments:**
+
+        - `layers`: the layers, called in order.
+        """
+        self.layers = tuple(layers)
+
+    def __check_init__(self):
+        error_features_of(self.layers)
+
+    def __getitem__(self, i: int) -> Callable:
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def is_stateful(self) -> bool:
+        return any(
+            _is_stateful(x) or (isinstance(x, DFA) and x.is_stateful())
+            for x in self.layers
+        )
+
+    @property
+    def error_features(self) -> int | None:
+        """The network output size its DFA layers expect, or `None` without any."""
+        return error_features_of(self.layers)
+
+    def thread(
+        self,
+        x: Array,
+        channel: Float[Array, " error_features"] | None,
+        state: State = _sentinel,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> tuple[Array, Float[Array, " error_features"] | None, State]:
+        """Run the layers with an already open error channel (as a nested
+        `Sequential` is run).
+
+        **Arguments:**
+
+        - `x`: the input.
+        - `channel`: the open error channel, or `None` if no layer needs one.
+        - `state`: passed to and updated from stateful layers.
+        - `key`: split between the layers.
+
+        **Returns:**
+
+        `(output, channel, state)`.
+        """
+        keys = (
+            [None] * len(self.layers)
+            if key is None
+            else jax.random.split(key, len(self.layers))
+        )
+        for layer, k in zip(self.layers, keys):
+            if isinstance(layer, Sequential):
+                x, channel, state = layer.thread(x, channel, state, key=k)
+            elif isinstance(layer, DFA | DFAFeedback):
+                if channel is None:
+                    raise ValueError("a DFA layer needs an open error channel.")
+                if isinstance(layer, DFA) and layer.is_stateful():
+                    x, channel, state = layer(x, channel, state, key=k)  # pyright: ignore
+                else:
+                    x, channel = layer(x, channel, key=k)  # pyright: ignore
+            elif _is_stateful(layer):
+                x, state = layer(x, state=state, key=k)  # pyright: ignore
+            else:
+                x = layer(x, key=k)
+        return x, channel, state
+
+    def __call__(
+        self, x: Array, state: State = _sentinel, *, key: PRNGKeyArray | None = None
+    ) -> Array | tuple[Array, State]:
+        """**Arguments:**
+
+        - `x`: one example, passed to the first layer.
+        - `state`: if given, passed to and updated from every stateful layer.
+        - `key`: if given, split into a key per layer.
+
+        **Returns:**
+
+        The output of the last layer, or `(output, state)` if `state` was given.
+        """
+        n = self.error_features
+        channel = None if n is None else open_error_channel(x, n)
+        x, channel, state = self.thread(x, channel, state, key=key)
+        if channel is not None:
+            x = close_error_channel(x, channel)
+        return x if state is _sentinel else (x, state)

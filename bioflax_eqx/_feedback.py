@@ -1,64 +1,65 @@
 """The custom-VJP primitives shared by every rule.
 
-Each rule changes only *which matrix carries the error back to a layer's input*. The
-weight and bias gradients stay ordinary autodiff of `weight @ stop_gradient(x) + bias`,
-so under `jax.vmap` they compile to the same single matrix product as backprop; the
-custom backward passes below touch only input cotangents, which are per example anyway.
-A custom backward that returned per-example `outer(g, x)` would make JAX build and sum
-batch x out x in tensors instead.
-
-Feedback matrices may arrive in either layout: `B` of shape (in, out), or `Bᵀ` of the
-weight's shape (out, in). Sign-symmetric feedback is built elementwise from `W`, so it
-is cheapest in `W`'s layout; a dot reads either layout at the same cost.
+Each rule changes only *what carries the error back to a layer's input*. The weight
+and bias gradients stay ordinary autodiff of `layer(stop_gradient(x))`, so under
+`jax.vmap` they compile to the same single product over the batch as backprop; the
+custom backward passes below touch only input cotangents, which are per example
+anyway. A custom backward that returned per-example weight cotangents would make JAX
+build and sum batch x out x in tensors instead.
 """
 
+from collections.abc import Callable
+
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Float
-
-from ._kernels import row_major
+from jaxtyping import Array, Float, Shaped
 
 
 @eqx.filter_custom_vjp
-def _reroute(vjp_arg, feedback, transposed):
+def _reroute(vjp_arg, backward):
     output, _ = vjp_arg
     return output
 
 
 @_reroute.def_fwd
-def _reroute_fwd(perturbed, vjp_arg, feedback, transposed):
-    del perturbed, feedback, transposed
+def _reroute_fwd(perturbed, vjp_arg, backward):
+    del perturbed, backward
     output, _ = vjp_arg
     return output, None
 
 
 @_reroute.def_bwd
-def _reroute_bwd(residuals, grad_output, perturbed, vjp_arg, feedback, transposed):
-    del residuals, vjp_arg
+def _reroute_bwd(residuals, grad_output, perturbed, vjp_arg, backward):
+    del residuals
+    _, x = vjp_arg
     _, input_perturbed = perturbed
     if grad_output is None or not input_perturbed:
         # No input cotangent when the input needs none (the data at the first layer).
         return grad_output, None
-    grad_input = grad_output @ feedback if transposed else feedback @ grad_output
+    # The transpose of the layer's linear map with the feedback weights: `Bᵀ g` for a
+    # dense layer, the transposed convolution with the feedback kernel for a conv.
+    # The forward half of this `vjp` is unused and removed by the compiler.
+    _, pullback = jax.vjp(backward, x)
+    (grad_input,) = pullback(grad_output)
     return grad_output, grad_input
 
 
 def reroute(
-    output: Float[Array, " out"],
-    input: Float[Array, " in"],
-    feedback: Float[Array, "in out"] | Float[Array, "out in"],
-    *,
-    transposed: bool = False,
-) -> Float[Array, " out"]:
-    """Identity on `output`; on the backward pass, `input` receives `B g`.
+    output: Shaped[Array, "..."],
+    input: Float[Array, "..."],
+    backward: Callable[[Array], Array],
+) -> Shaped[Array, "..."]:
+    """Identity on `output`; on the backward pass, `input` receives
+    `vjp(backward, input)(g)` for `g` the cotangent of `output`, which also flows on
+    unchanged to `output`'s own inputs.
 
-    `feedback` is `B`, of shape (in, out), or with `transposed=True` it is `Bᵀ`, of
-    the weight's shape (out, in). `g`, the cotangent of `output`, also flows on
-    unchanged to `output`'s own inputs. The caller computes `output` from
-    `stop_gradient(input)`, so the only cotangent that reaches `input` is this one.
+    `backward` is the wrapped layer with its weight replaced by the feedback weights
+    (arrays held fixed). The caller computes `output` from `stop_gradient(input)`, so
+    the only cotangent that reaches `input` is this one.
     """
-    return _reroute((output, input), lax.stop_gradient(feedback), transposed)
+    return _reroute((output, input), backward)
 
 
 @eqx.filter_custom_vjp
@@ -80,24 +81,19 @@ def _tie_bwd(residuals, grad_weight, perturbed, vjp_arg):
     weight_perturbed, feedback_perturbed = perturbed
     if grad_weight is None:
         return None, None
-    # Written out once by the transpose kernel: left as a strided view, the
-    # transpose would be fused into every consumer, e.g. Adam's moment updates, where
-    # XLA:CPU runs it as slow strided scalar code.
     return (
         grad_weight if weight_perturbed else None,
-        row_major(grad_weight.T) if feedback_perturbed else None,
+        grad_weight if feedback_perturbed else None,
     )
 
 
 def tie(
-    weight: Float[Array, "out in"], feedback: Float[Array, "in out"]
-) -> Float[Array, "out in"]:
-    """Identity on `weight`; on the backward pass `feedback` receives the transposed
-    weight gradient (Kolen-Pollack's `dB = dW^T`).
-
-    The weight is not batched under `jax.vmap`, so its cotangent arrives already summed
-    over the batch (one matrix product) and the transpose costs out x in, not more.
-    """
+    weight: Float[Array, "*shape"], feedback: Float[Array, "*shape"]
+) -> Float[Array, "*shape"]:
+    """Identity on `weight`; on the backward pass `feedback` receives the weight's own
+    gradient (Kolen-Pollack). Both are stored in the weight's layout, so this is a
+    copy, not a transpose; the weight is unbatched under `jax.vmap`, so its
+    cotangent arrives already summed over the batch."""
     return _tie((weight, feedback))
 
 
@@ -120,18 +116,20 @@ def _direct_feedback_bwd(residuals, grads, perturbed, vjp_arg, feedback):
     activation_perturbed, _ = perturbed
     if grad_error is None:
         return None, None
-    grad_activation = feedback @ grad_error if activation_perturbed else None
+    grad_activation = (
+        jnp.tensordot(feedback, grad_error, axes=1) if activation_perturbed else None
+    )
     return grad_activation, grad_error
 
 
 def direct_feedback(
-    activation: Float[Array, " features"],
+    activation: Float[Array, "*shape"],
     channel: Float[Array, " error"],
-    feedback: Float[Array, "features error"],
-) -> tuple[Float[Array, " features"], Float[Array, " error"]]:
+    feedback: Float[Array, "*shape error"],
+) -> tuple[Float[Array, "*shape"], Float[Array, " error"]]:
     """Identity on `(activation, channel)`; on the backward pass `activation` receives
-    `feedback @ e`, where `e` is the channel's cotangent (the network's output error),
-    and `e` passes on unchanged down the channel.
+    `feedback @ e` (contracting the last axis), where `e` is the channel's cotangent
+    (the network's output error), and `e` passes on unchanged down the channel.
     """
     return _direct_feedback((activation, channel), lax.stop_gradient(feedback))
 

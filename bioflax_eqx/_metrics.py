@@ -14,23 +14,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Shaped
 
-from ._convert import convert
-from ._dfa import DFALinear
-from ._linear import AbstractFeedbackLinear
+from ._convert import convert, is_linear_layer, linear_layers
+from ._dfa import DFA
+from ._rules import AbstractRule
 
 
 # The loss of one example: `loss_fn(output, target) -> scalar`.
 LossFn = Callable[[Array, Array], Array]
-
-
-def _is_dense(x) -> bool:
-    return isinstance(x, eqx.nn.Linear | AbstractFeedbackLinear | DFALinear)
-
-
-def _dense_layers(tree: PyTree) -> list:
-    """The dense layers of a model (or of its gradient), in pytree order."""
-    leaves = jax.tree_util.tree_leaves(tree, is_leaf=_is_dense)
-    return [x for x in leaves if _is_dense(x)]
 
 
 def _unit(leaves: list[Array]) -> Float[Array, " n"]:
@@ -73,10 +63,11 @@ def _norm(leaves: list[Array]) -> Float[Array, ""]:
 def weight_alignment(model: PyTree) -> dict[str, Float[Array, ""]]:
     """How close each layer's feedback matrix is to the transposed weight.
 
-    For every layer with a feedback matrix $B$ of the shape of $W^\\top$ (FA, KP and
-    sign symmetry; not DFA, whose $B$ maps the output error):
+    For every layer with feedback weights $B$ of the weight's shape (FA, KP and sign
+    symmetry; not DFA, whose $B$ maps the output error), kernels flattened:
 
-    - `weight_angle/i`: $\\angle(W_i, B_i^\\top)$. 0° is backprop's feedback (up to a
+    - `weight_angle/i`: $\\angle(W_i, B_i)$, in the papers' layout $\\angle(W_i,
+        B_i^\\top)$ for a dense layer. 0° is backprop's feedback (up to a
         positive scale); FA starts near 90°; KP with weight decay falls towards 0°.
     - `feedback_norm_ratio/i`: $\\|B_i\\|_F / \\|W_i\\|_F$.
 
@@ -89,13 +80,13 @@ def weight_alignment(model: PyTree) -> dict[str, Float[Array, ""]]:
 
     **Returns:**
 
-    A dict from metric name to scalar; `i` counts the model's dense layers (all of
-    them, in pytree order, feedback or not), starting at 0.
+    A dict from metric name to scalar; `i` counts the model's linear layers (all
+    of them, in pytree order, feedback or not), starting at 0.
     """
     out = {}
-    for i, layer in enumerate(_dense_layers(model)):
-        if isinstance(layer, AbstractFeedbackLinear):
-            out[f"weight_angle/{i}"] = angle(layer.weight, layer.feedback.T)
+    for i, layer in enumerate(linear_layers(model)):
+        if isinstance(layer, AbstractRule):
+            out[f"weight_angle/{i}"] = angle(layer.weight, layer.feedback)
             out[f"feedback_norm_ratio/{i}"] = _norm([layer.feedback]) / _norm(
                 [layer.weight]
             )
@@ -104,50 +95,85 @@ def weight_alignment(model: PyTree) -> dict[str, Float[Array, ""]]:
 
 def _backprop(model: PyTree) -> PyTree:
     bp = convert(model, "bp")
-    if len(_dense_layers(bp)) != len(_dense_layers(model)):
-        raise ValueError("converting the model to backprop changed its dense layers.")
+    if len(linear_layers(bp)) != len(linear_layers(model)):
+        raise ValueError("converting the model to backprop changed its layers.")
     return bp
 
 
-def _shift_outputs(model: PyTree, shifts: list[Array]) -> PyTree:
-    """Adds `shifts[i]` to the output of the `i`-th dense layer, through its bias
-    (so any model that calls its layers works, whatever the layers' types)."""
-    remaining = iter(shifts)
+class _Probe(eqx.Module):
+    """A layer whose output gets `shift` added: the gradient with respect to a zero
+    shift is the error at that output. Without a shift it records its output shape
+    (while tracing)."""
 
-    def shift(layer):
-        if not _is_dense(layer):
-            return layer
-        s = next(remaining)
-        bias = s if layer.bias is None else layer.bias + s
-        return eqx.tree_at(lambda m: m.bias, layer, bias, is_leaf=lambda v: v is None)
+    layer: Callable
+    shift: Array | None
+    index: int = eqx.field(static=True)
+    shapes: dict | None = eqx.field(static=True)
 
-    return jax.tree_util.tree_map(shift, model, is_leaf=_is_dense)
+    def __call__(self, *args, **kwargs):
+        out = self.layer(*args, **kwargs)
+        y = out[0] if isinstance(out, tuple) else out
+        if self.shapes is not None:
+            shape = self.shapes.setdefault(self.index, y.shape)
+            if shape != y.shape:
+                raise ValueError("a layer called twice with different output shapes.")
+            return out
+        assert self.shift is not None
+        y = y + self.shift
+        return (y, *out[1:]) if isinstance(out, tuple) else y
+
+
+def _is_node(x) -> bool:
+    if isinstance(x, DFA):
+        return is_linear_layer(x.layer)
+    return is_linear_layer(x) or isinstance(x, AbstractRule)
+
+
+def _probed(model: PyTree, shifts: list[Array] | None, shapes: dict | None) -> PyTree:
+    """`model` with a probe on the output of each of its linear layers (inside a
+    DFA wrapper, which must stay outermost for the model to thread its channel)."""
+    count = iter(range(1 << 30))
+
+    def probe(x):
+        if not _is_node(x):
+            return x
+        i = next(count)
+        shift = None if shifts is None else shifts[i]
+        if isinstance(x, DFA):
+            return eqx.tree_at(lambda m: m.layer, x, _Probe(x.layer, shift, i, shapes))
+        return _Probe(x, shift, i, shapes)
+
+    return jax.tree_util.tree_map(probe, model, is_leaf=_is_node)
 
 
 def _signals(model, x, y, loss_fn: LossFn, key) -> tuple[list[Array], list[Array]]:
-    """Every dense layer's weight gradient and per-example error, from one backward
+    """Every linear layer's weight gradient and per-example error, from one backward
     pass of the summed loss.
 
     The errors are measured with a zero probe added to each layer's output per
     example: the gradient with respect to the probe is the error at that output.
     """
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    layers = _dense_layers(model)
+    layers = linear_layers(model)
+    shapes: dict[int, tuple[int, ...]] = {}
+    jax.eval_shape(lambda xi: _probed(model, None, shapes)(xi, key=key), x[0])
+    if sorted(shapes) != list(range(len(layers))):
+        raise ValueError("the model did not call every one of its linear layers.")
     probes = [
-        jnp.zeros((x.shape[0], layer.out_features), layer.weight.dtype)
-        for layer in layers
+        jnp.zeros((x.shape[0], *shapes[i]), layer.weight.dtype)
+        for i, layer in enumerate(layers)
     ]
 
     def total(params, probes):
         model = eqx.combine(params, static)
 
         def one(xi, yi, shifts):
-            return loss_fn(_shift_outputs(model, shifts)(xi, key=key), yi)
+            return loss_fn(_probed(model, shifts, None)(xi, key=key), yi)
 
         return jnp.sum(jax.vmap(one)(x, y, probes))
 
     grads, deltas = jax.grad(total, argnums=(0, 1))(params, probes)
-    return [layer.weight for layer in _dense_layers(grads)], deltas
+    return [layer.weight for layer in linear_layers(grads)], deltas
 
 
 def _gradient_metrics(rule: list[Array], bp: list[Array]) -> dict[str, Array]:
@@ -199,7 +225,7 @@ def gradient_alignment(
 
     **Returns:**
 
-    A dict from metric name to scalar; `i` counts the dense layers from 0.
+    A dict from metric name to scalar; `i` counts the linear layers from 0.
     """
     rule, _ = _signals(model, x, y, loss_fn, key)
     bp, _ = _signals(_backprop(model), x, y, loss_fn, key)
@@ -214,7 +240,7 @@ def layer_deltas(
     *,
     key: PRNGKeyArray | None = None,
 ) -> list[Float[Array, "batch _"]]:
-    """The error signal $\\delta$ each dense layer receives under the model's rule,
+    """The error signal $\\delta$ each linear layer receives under the model's rule,
     per example.
 
     $\\delta_{n,i} = \\partial \\ell_n / \\partial a_{n,i}$, where $a_{n,i}$ is layer
@@ -232,7 +258,7 @@ def layer_deltas(
 
     **Returns:**
 
-    One array of shape `(batch, out_features)` per dense layer, in pytree order.
+    One array of shape `(batch, *output_shape)` per linear layer, in pytree order.
     """
     return _signals(model, x, y, loss_fn, key)[1]
 
@@ -267,7 +293,7 @@ def delta_alignment(
 
     **Returns:**
 
-    A dict from metric name to scalar; `i` counts the dense layers from 0.
+    A dict from metric name to scalar; `i` counts the linear layers from 0.
     """
     _, rule = _signals(model, x, y, loss_fn, key)
     _, bp = _signals(_backprop(model), x, y, loss_fn, key)

@@ -16,13 +16,14 @@ import jax
 import optax
 from jaxtyping import PyTree
 
-from ._linear import AbstractFeedbackModule
+from ._rules import AbstractFeedback
 
 
-_NOT_FEEDBACK = ("weight", "bias")
+# The wrapped layer trains as usual; every other array field of a rule is feedback.
+_NOT_FEEDBACK = ("layer",)
 
 
-def _label_module(module: AbstractFeedbackModule) -> PyTree[str]:
+def _label_module(module: AbstractFeedback) -> PyTree[str]:
     labels = jax.tree_util.tree_map(lambda _: "trainable", module)
     if module.trains_feedback:
         return labels
@@ -58,11 +59,9 @@ def feedback_labels(model: PyTree) -> PyTree[str | None]:
     """
     params = eqx.filter(model, eqx.is_inexact_array)
     return jax.tree_util.tree_map(
-        lambda x: (
-            _label_module(x) if isinstance(x, AbstractFeedbackModule) else "trainable"
-        ),
+        lambda x: _label_module(x) if isinstance(x, AbstractFeedback) else "trainable",
         params,
-        is_leaf=lambda x: isinstance(x, AbstractFeedbackModule),
+        is_leaf=lambda x: isinstance(x, AbstractFeedback),
     )
 
 
@@ -110,4 +109,42 @@ def decay_mask(model: PyTree, *, include_bias: bool = False) -> PyTree[bool | No
         lambda label, x: label == "trainable" and (include_bias or x.ndim >= 2),
         feedback_labels(model),
         params,
+    )
+
+
+def trainable(model: PyTree) -> PyTree[bool]:
+    """A filter spec for `eqx.partition` that leaves fixed feedback out of the
+    trained half.
+
+    ```python
+    params, static = eqx.partition(model, bfx.trainable(model))
+    optimizer = optax.adamw(1e-3, weight_decay=1e-4, mask=bfx.decay_mask)
+    opt_state = optimizer.init(params)  # no optimiser state for fixed feedback
+
+    @eqx.filter_jit
+    def step(params, opt_state, x, y):
+        grads = jax.grad(loss)(params, static, x, y)  # no gradient of fixed B either
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return eqx.apply_updates(params, updates), opt_state
+    ```
+
+    This is the cheap and correct path: the optimiser never sees FA's, DFA's or
+    frSF's feedback, so it neither spends work on it nor decays it. (Filtering with
+    `eqx.is_inexact_array` alone hands fixed feedback to the optimiser; then wrap it
+    in [`bioflax_eqx.freeze_feedback`][].)
+
+    **Arguments:**
+
+    - `model`: any model.
+
+    **Returns:**
+
+    A pytree of bools of `model`'s structure: `True` on weights, biases, every other
+    floating array and Kolen-Pollack's feedback; `False` on fixed feedback and on
+    everything that is not a floating array.
+    """
+    return jax.tree_util.tree_map(
+        lambda label: label == "trainable",
+        feedback_labels(model),
+        is_leaf=lambda x: x is None,
     )

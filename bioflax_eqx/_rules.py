@@ -1,33 +1,32 @@
-"""The one table that maps rule names to layers."""
+"""The rules as wrappers: each wraps any Equinox layer that is linear in its input.
 
+For a layer `y = op(W, x) + b`, backprop sends `vjp_x op(W, ·)(g)` to the input. Every
+rule here keeps the forward pass and the weight and bias gradients of backprop and
+changes only that input cotangent, to `vjp_x op(B, ·)(g)`: the *same operator* with the
+feedback weights `B` in place of `W`, computed from the wrapped layer itself (its weight
+swapped for `B`). So a new rule is one class, and a new layer type is none.
+
+`B` is always stored in the weight's layout (`feedback.shape == weight.shape`); for a
+dense layer the papers' `B` (shape of `Wᵀ`) is `feedback.T`.
+"""
+
+import abc
+import math
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
-from jaxtyping import PRNGKeyArray
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from ._dfa import DFALinear
-from ._linear import (
-    AbstractFeedbackLinear,
-    BRSFLinear,
-    FALinear,
-    FRSFLinear,
-    KPLinear,
-    USFLinear,
-)
+from ._feedback import reroute, tie
+from ._kernels import uniform as fused_uniform
+from ._misc import check_scale, uniform
 
 
 RULES: tuple[str, ...] = ("bp", "fa", "kp", "dfa", "usf", "brsf", "frsf")
-
-# Every concrete layer shares FALinear's signature (the abstract base has none).
-_FEEDBACK_LINEAR: dict[str, Callable[..., AbstractFeedbackLinear]] = {
-    "fa": FALinear,
-    "kp": KPLinear,
-    "usf": USFLinear,
-    "brsf": BRSFLinear,
-    "frsf": FRSFLinear,
-}
-
-DenseLayer = eqx.nn.Linear | AbstractFeedbackLinear | DFALinear
 
 
 def check_rule(rule: str) -> None:
@@ -35,46 +34,385 @@ def check_rule(rule: str) -> None:
         raise ValueError(f"unknown rule {rule!r}; expected one of {', '.join(RULES)}.")
 
 
-def rule_of(layer: DenseLayer) -> str:
-    """The rule name of a dense layer (layer classes are final, so the exact type)."""
-    if isinstance(layer, DFALinear):
-        return "dfa"
-    rules: dict[object, str] = {cls: rule for rule, cls in _FEEDBACK_LINEAR.items()}
-    return rules.get(type(layer), "bp")
+def fan_in(weight: Array) -> int:
+    """The fan-in of a weight stored output-first, as Equinox's `Linear` and `Conv*`
+    store theirs: every axis but the first."""
+    return max(math.prod(weight.shape[1:]), 1)
 
 
-def make_linear(
-    rule: str,
-    in_features: int,
-    out_features: int,
-    use_bias: bool,
-    dtype,
-    *,
-    error_features: int | None,
-    feedback_scale: float,
-    key: PRNGKeyArray,
-) -> DenseLayer:
-    """A fresh dense layer of the given rule (`eqx.nn.Linear` for `"bp"`)."""
-    check_rule(rule)
-    if rule == "bp":
-        return eqx.nn.Linear(in_features, out_features, use_bias, dtype, key=key)
-    if rule == "dfa":
-        if error_features is None:
-            raise ValueError("rule 'dfa' needs `error_features` (the output size).")
-        return DFALinear(
-            in_features,
-            out_features,
-            error_features,
-            use_bias,
-            dtype,
-            feedback_scale=feedback_scale,
-            key=key,
+def check_layer(layer: object, name: str) -> None:
+    """`layer` must be a callable Equinox module with a floating `weight` array."""
+    weight = getattr(layer, "weight", None)
+    if not isinstance(layer, eqx.Module) or not eqx.is_inexact_array(weight):
+        raise ValueError(
+            f"{name} wraps an Equinox layer with a floating-point `weight` array "
+            f"(e.g. `eqx.nn.Linear`, `eqx.nn.Conv2d`), got {type(layer).__name__}."
         )
-    return _FEEDBACK_LINEAR[rule](
-        in_features,
-        out_features,
-        use_bias,
-        dtype,
-        feedback_scale=feedback_scale,
-        key=key,
-    )
+
+
+def check_feedback(name: str, feedback: Array | None, weight: Array) -> None:
+    if feedback is None or feedback.shape != weight.shape:
+        got = None if feedback is None else feedback.shape
+        raise ValueError(
+            f"`{name}` must have the shape of the wrapped layer's weight, "
+            f"{weight.shape}, got {got}."
+        )
+    if feedback.dtype != weight.dtype:
+        raise ValueError(
+            f"`{name}` must have the weight's dtype {weight.dtype}, got "
+            f"{feedback.dtype}."
+        )
+
+
+def check_linear_input(layer: object, x: Array, name: str) -> None:
+    """A clear error for the most common mistake: a batch passed to a per-example
+    dense layer (shapes are static, so this costs nothing after tracing)."""
+    if not isinstance(layer, eqx.nn.Linear) or layer.in_features == "scalar":
+        return
+    if x.shape != (layer.in_features,):
+        hint = (
+            " Layers take one example; batch with `jax.vmap`."
+            if x.ndim == 2 and x.shape[-1] == layer.in_features
+            else ""
+        )
+        raise ValueError(
+            f"{name} expects an input of shape ({layer.in_features},), got "
+            f"{x.shape}.{hint}"
+        )
+
+
+def fixed(tree: PyTree) -> PyTree:
+    """`tree` with `stop_gradient` on every array."""
+    arrays, rest = eqx.partition(tree, eqx.is_array)
+    return eqx.combine(jax.tree_util.tree_map(lax.stop_gradient, arrays), rest)
+
+
+def with_weight(layer: eqx.Module, weight: Array) -> eqx.Module:
+    return eqx.tree_at(lambda m: m.weight, layer, weight)
+
+
+class AbstractFeedback(eqx.Module):
+    """Anything holding feedback weights. `trains_feedback` says whether its feedback
+    arrays receive gradients (Kolen-Pollack) or must never move (every other rule);
+    [`bioflax_eqx.feedback_labels`][] reads it to build optimiser masks.
+
+    Every field but `layer` (the wrapped layer, trained as usual) holds feedback.
+    """
+
+    trains_feedback: eqx.AbstractClassVar[bool]
+
+
+class AbstractRule(AbstractFeedback):
+    """A layer `y = op(W, x) + b`, linear in its input, whose backward pass sends the
+    error to its input through feedback weights `B` instead of `W`.
+
+    With `g = ∂L/∂y` the cotangent at the layer's output, every rule computes
+
+    - the weight and bias gradients of backprop (ordinary autodiff of the wrapped
+        layer: `g xᵀ` and `g` for a dense layer, one product over the batch);
+    - the input cotangent `vjp_x op(B, ·)(g)` where backprop would use
+        `vjp_x op(W, ·)(g)`: `Bᵀ g` for a dense layer with `B` stored like `W`, the
+        transposed convolution with the kernel `B` for a convolution.
+
+    The rules differ only in `B` and in whether `B` learns. `layer` is any Equinox
+    module with a `weight` that is linear in its input (`eqx.nn.Linear`,
+    `eqx.nn.Conv*`, `eqx.nn.ConvTranspose*`, or one of your own). Layers act on one
+    example; batch with `jax.vmap`.
+    """
+
+    layer: eqx.AbstractVar[eqx.Module]
+    # `B` in the weight's layout: a field, or for sign symmetry a property derived
+    # from `W` (brSF: its expected value).
+    feedback: eqx.AbstractVar[Float[Array, "..."]]
+
+    @abc.abstractmethod
+    def feedback_weight(
+        self, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "..."]:
+        """The feedback weights that carry the error to this layer's input on this
+        call.
+
+        **Arguments:**
+
+        - `key`: only for rules that draw random feedback on every call (brSF).
+
+        **Returns:**
+
+        `B`, of the shape of the wrapped layer's `weight`.
+        """
+
+    @property
+    def weight(self) -> Float[Array, "..."]:
+        """The wrapped layer's weight."""
+        return self.layer.weight  # pyright: ignore[reportAttributeAccessIssue]
+
+    @property
+    def bias(self) -> Float[Array, "..."] | None:
+        """The wrapped layer's bias, or `None`."""
+        return getattr(self.layer, "bias", None)
+
+    def __call__(
+        self, x: Float[Array, "..."], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "..."]:
+        """**Arguments:**
+
+        - `x`: one example, as the wrapped layer takes it.
+        - `key`: randomness for rules that draw feedback on every call (brSF); ignored
+            otherwise. Under `jax.vmap`, pass the same key to every example
+            (`in_axes=None`) so the whole batch shares one draw.
+
+        **Returns:**
+
+        The wrapped layer's output, unchanged.
+        """
+        name = type(self).__name__
+        check_linear_input(self.layer, x, name)
+        feedback = self.feedback_weight(key=key)
+        # Also catches feedback replaced by tree surgery, which skips __check_init__.
+        check_feedback("feedback", feedback, self.weight)
+        layer = self.layer
+        if self.trains_feedback:
+            layer = with_weight(layer, tie(self.weight, self.feedback))
+        output = layer(lax.stop_gradient(x))  # pyright: ignore[reportCallIssue]
+        return reroute(output, x, fixed(with_weight(self.layer, feedback)))
+
+
+def _draw(weight: Array, scale: float, key: PRNGKeyArray) -> Array:
+    """A fresh draw from `U(-s/√fan_in, s/√fan_in)`: the distribution of Equinox's
+    default initialisation of the weight, times `s = feedback_scale`."""
+    return uniform(key, weight.shape, scale / math.sqrt(fan_in(weight)), weight.dtype)
+
+
+class FA(AbstractRule):
+    """Feedback Alignment (Lillicrap et al. 2016).
+
+    The error reaches the layer's input through fixed random weights:
+
+    $$\\bar x = B^\\top g, \\qquad \\Delta W \\propto g x^\\top, \\qquad \\Delta B =
+    0$$
+
+    for a dense layer with `B` stored like `W` (the papers' feedback matrix is
+    `feedback.T`), so in a network $\\delta_l = \\phi'(a_l) \\odot B_{l+1}^\\top
+    \\delta_{l+1}$; for a convolution the error goes back through the transposed
+    convolution with kernel `B`. `feedback` receives a zero gradient; mask it out of
+    the optimiser (see [`bioflax_eqx.freeze_feedback`][]) so that weight decay never
+    moves it.
+    """
+
+    layer: eqx.Module
+    feedback: Float[Array, "..."]
+    trains_feedback: ClassVar[bool] = False
+
+    def __init__(
+        self, layer: eqx.Module, *, feedback_scale: float = 1.0, key: PRNGKeyArray
+    ):
+        """**Arguments:**
+
+        - `layer`: the layer to wrap, e.g. `eqx.nn.Linear` or `eqx.nn.Conv2d`.
+        - `feedback_scale`: `B` is drawn from `U(-s/√fan_in, s/√fan_in)` with
+            `s = feedback_scale` (an independent draw from Equinox's initialisation
+            of the weight, `fan_in` = the size of every weight axis but the first).
+        - `key`: a `jax.random.PRNGKey` for `B`.
+        """
+        check_layer(layer, "FA")
+        check_scale("feedback_scale", feedback_scale)
+        self.layer = layer
+        self.feedback = _draw(self.weight, feedback_scale, key)
+
+    def __check_init__(self):
+        check_layer(self.layer, "FA")
+        check_feedback("feedback", self.feedback, self.weight)
+
+    def feedback_weight(
+        self, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "..."]:
+        return self.feedback
+
+
+class KP(AbstractRule):
+    """Kolen-Pollack (Kolen & Pollack 1994; Akrout et al. 2019).
+
+    As Feedback Alignment, but `B` receives the weight's own update:
+
+    $$\\bar x = B^\\top g, \\qquad \\Delta W \\propto g x^\\top, \\qquad
+    \\Delta B = \\Delta W$$
+
+    (`B` is stored like `W`; in the papers' layout, $\\Delta B = \\Delta W^\\top$).
+    With the same weight decay $\\lambda$ on $W$ and $B$ and learning rate $\\eta$,
+    $W_t - B_t = (1 - \\eta\\lambda)^t (W_0 - B_0)$ under SGD, and the same holds for
+    decoupled decay with any elementwise optimiser (AdamW). Use
+    [`bioflax_eqx.decay_mask`][], which includes `feedback` for this layer.
+    """
+
+    layer: eqx.Module
+    feedback: Float[Array, "..."]
+    trains_feedback: ClassVar[bool] = True
+
+    def __init__(
+        self, layer: eqx.Module, *, feedback_scale: float = 1.0, key: PRNGKeyArray
+    ):
+        """**Arguments:** as [`bioflax_eqx.FA`][]."""
+        check_layer(layer, "KP")
+        check_scale("feedback_scale", feedback_scale)
+        self.layer = layer
+        self.feedback = _draw(self.weight, feedback_scale, key)
+
+    def __check_init__(self):
+        check_layer(self.layer, "KP")
+        check_feedback("feedback", self.feedback, self.weight)
+
+    def feedback_weight(
+        self, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "..."]:
+        return self.feedback
+
+
+class USF(AbstractRule):
+    """Uniform sign-concordant feedback, uSF (Liao, Leibo & Poggio 2016; named as in
+    Sanfiz & Akrout 2021).
+
+    $$B = s \\, \\operatorname{sign}(W),$$
+
+    recomputed from the current $W$ on every call, with a fixed scale $s$ (the papers'
+    $B$, shape of $W^\\top$, is its transpose for a dense layer). The default $s$ is
+    the standard deviation of Equinox's initial weights, $1/\\sqrt{3 \\cdot
+    \\mathrm{fan\\_in}}$, times `feedback_scale`. Nothing in $B$ is learned or stored.
+    """
+
+    layer: eqx.Module
+    scale: float = eqx.field(static=True)
+    trains_feedback: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        layer: eqx.Module,
+        *,
+        feedback_scale: float = 1.0,
+        key: PRNGKeyArray | None = None,
+    ):
+        """**Arguments:**
+
+        - `layer`: the layer to wrap.
+        - `feedback_scale`: multiplies the default scale `1/√(3·fan_in)`.
+        - `key`: unused (nothing is drawn); accepted so that every rule is built
+            alike.
+        """
+        del key
+        check_layer(layer, "USF")
+        check_scale("feedback_scale", feedback_scale)
+        self.layer = layer
+        self.scale = feedback_scale / math.sqrt(3 * fan_in(self.weight))
+
+    def __check_init__(self):
+        check_layer(self.layer, "USF")
+        check_scale("scale", self.scale)
+
+    @property
+    def feedback(self) -> Float[Array, "..."]:
+        return self.scale * jnp.sign(self.weight)
+
+    def feedback_weight(
+        self, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "..."]:
+        return self.feedback
+
+
+class FRSF(AbstractRule):
+    """Fixed random-magnitude sign-concordant feedback, frSF (Sanfiz & Akrout 2021).
+
+    $$B = |B_0| \\circ \\operatorname{sign}(W),$$
+
+    with $B_0$ (the field `magnitude`, in the weight's layout) drawn once like FA's
+    feedback and never trained; the signs follow the current $W$ on every call.
+    """
+
+    layer: eqx.Module
+    magnitude: Float[Array, "..."]
+    trains_feedback: ClassVar[bool] = False
+
+    def __init__(
+        self, layer: eqx.Module, *, feedback_scale: float = 1.0, key: PRNGKeyArray
+    ):
+        """**Arguments:** as [`bioflax_eqx.FA`][]; `magnitude` is drawn as FA's
+        `feedback`."""
+        check_layer(layer, "FRSF")
+        check_scale("feedback_scale", feedback_scale)
+        self.layer = layer
+        self.magnitude = _draw(self.weight, feedback_scale, key)
+
+    def __check_init__(self):
+        check_layer(self.layer, "FRSF")
+        check_feedback("magnitude", self.magnitude, self.weight)
+
+    @property
+    def feedback(self) -> Float[Array, "..."]:
+        return jnp.abs(self.magnitude) * jnp.sign(self.weight)
+
+    def feedback_weight(
+        self, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "..."]:
+        return self.feedback
+
+
+class BRSF(AbstractRule):
+    """Batchwise random-magnitude sign-concordant feedback, brSF (Sanfiz & Akrout
+    2021).
+
+    $$B = |M| \\circ \\operatorname{sign}(W), \\qquad
+    M \\sim U(-s/\\sqrt{\\mathrm{fan\\_in}}, s/\\sqrt{\\mathrm{fan\\_in}})$$
+
+    with $M$ redrawn on every call from `key` (so every call needs one): it is
+    `jax.random.uniform(key, weight.shape, minval=-s/√fan_in, maxval=s/√fan_in)`.
+    Under `jax.vmap`, share the key across the batch (`in_axes=None`): one draw per
+    batch, which also keeps the backward pass a single product. `feedback` returns
+    the expected value $\\tfrac{s}{2\\sqrt{\\mathrm{fan\\_in}}}
+    \\operatorname{sign}(W)$.
+    """
+
+    layer: eqx.Module
+    scale: float = eqx.field(static=True)
+    trains_feedback: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        layer: eqx.Module,
+        *,
+        feedback_scale: float = 1.0,
+        key: PRNGKeyArray | None = None,
+    ):
+        """**Arguments:** as [`bioflax_eqx.USF`][]; `M` is drawn on every call from
+        `U(-s/√fan_in, s/√fan_in)` with `s = feedback_scale`."""
+        del key
+        check_layer(layer, "BRSF")
+        check_scale("feedback_scale", feedback_scale)
+        self.layer = layer
+        self.scale = feedback_scale / math.sqrt(fan_in(self.weight))
+
+    def __check_init__(self):
+        check_layer(self.layer, "BRSF")
+        check_scale("scale", self.scale)
+
+    @property
+    def feedback(self) -> Float[Array, "..."]:
+        return (self.scale / 2) * jnp.sign(self.weight)
+
+    def feedback_weight(
+        self, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "..."]:
+        if key is None:
+            raise ValueError(
+                "BRSF draws new feedback magnitudes on every call: pass `key=`."
+            )
+        # A fused Threefry, bit for bit `jax.random.uniform(key, weight.shape, ...)`.
+        magnitude = fused_uniform(key, self.weight.shape, self.scale, self.weight.dtype)
+        return jnp.abs(magnitude) * jnp.sign(self.weight)
+
+
+# Every rule but backprop and DFA wraps a layer alike.
+WRAPPERS: dict[str, Callable[..., AbstractRule]] = {
+    "fa": FA,
+    "kp": KP,
+    "usf": USF,
+    "brsf": BRSF,
+    "frsf": FRSF,
+}
