@@ -1,11 +1,11 @@
 """Equinox layers for learning without weight transport."""
 
-from ._checkpoint import CheckpointError as CheckpointError
 from ._convert import convert as convert
 from ._data import (
     DataNotFoundError as DataNotFoundError,
     Dataset as Dataset,
     Split as Split,
+    augment_images as augment_images,
     epoch_batches as epoch_batches,
     load_dataset as load_dataset,
     sine as sine,
@@ -40,10 +40,13 @@ from ._rules import (
     KP as KP,
     RULES as RULES,
     USF as USF,
+    WM as WM,
     AbstractFeedback as AbstractFeedback,
     AbstractRule as AbstractRule,
+    mirror as mirror,
 )
-from ._train import (
+from .training import (
+    CheckpointError as CheckpointError,
     ConfigError as ConfigError,
     DivergedError as DivergedError,
     TrainConfig as TrainConfig,
@@ -51,6 +54,8 @@ from ._train import (
     compare as compare,
     load_run as load_run,
     train as train,
+    train_epoch as train_epoch,
+    train_epoch_with_state as train_epoch_with_state,
 )
 
 

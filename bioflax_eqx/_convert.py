@@ -140,7 +140,9 @@ def _to_dfa(
     feedback_scale: float,
 ) -> Any:
     shape = None if input_shape is None else tuple(input_shape)
-    dtype = jax.dtypes.canonicalize_dtype(float)
+    # Shapes are traced with inputs of the parameters' dtype.
+    arrays = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array))
+    dtype = arrays[0].dtype if arrays else jax.dtypes.canonicalize_dtype(float)
     if isinstance(model, eqx.nn.Sequential | Sequential):
         layers, _ = _dfa_layers(
             model.layers, shape, dtype, error_features, next_key, feedback_scale

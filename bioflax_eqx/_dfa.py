@@ -312,7 +312,7 @@ class DFA(AbstractFeedback):
         self,
         x: Float[Array, "*input_shape"],
         channel: Float[Array, " error_features"],
-        state: State = _sentinel,
+        state: State | Any = _sentinel,
         *,
         key: PRNGKeyArray | None = None,
     ) -> (
@@ -402,10 +402,10 @@ class Sequential(StatefulLayer):
         self,
         x: Array,
         channel: Float[Array, " error_features"] | None,
-        state: State = _sentinel,
+        state: State | Any = _sentinel,
         *,
         key: PRNGKeyArray | None = None,
-    ) -> tuple[Array, Float[Array, " error_features"] | None, State]:
+    ) -> tuple[Array, Float[Array, " error_features"] | None, State | Any]:
         """Run the layers with an already open error channel (as a nested
         `Sequential` is run).
 
@@ -442,7 +442,11 @@ class Sequential(StatefulLayer):
         return x, channel, state
 
     def __call__(
-        self, x: Array, state: State = _sentinel, *, key: PRNGKeyArray | None = None
+        self,
+        x: Array,
+        state: State | Any = _sentinel,
+        *,
+        key: PRNGKeyArray | None = None,
     ) -> Array | tuple[Array, State]:
         """**Arguments:**
 

@@ -1,4 +1,5 @@
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -31,7 +32,7 @@ class MLP(eqx.Module):
     [`bioflax_eqx.convert`][] turns one rule's MLP into another's.
     """
 
-    layers: tuple[Callable[..., Array], ...]
+    layers: tuple[Any, ...]
     activation: Callable = eqx.field(static=True)
     final_activation: Callable = eqx.field(static=True)
     in_size: int = eqx.field(static=True)

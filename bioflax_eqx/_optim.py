@@ -89,13 +89,15 @@ def freeze_feedback(
 def decay_mask(model: PyTree, *, include_bias: bool = False) -> PyTree[bool | None]:
     """Which arrays weight decay should act on.
 
-    Weight matrices, and Kolen-Pollack's feedback with exactly the same decay, so that
-    `W - Bᵀ` shrinks by `(1 - ηλ)` each step. Never fixed feedback.
+    Weight matrices and kernels, and Kolen-Pollack's feedback with exactly the same
+    decay, so that `W - B` (both in the weight's layout) shrinks by `(1 - ηλ)` each
+    step. Never fixed feedback. Biases (fields named `bias`, such as a conv's of
+    shape `(out, 1, 1)`) and other vectors only with `include_bias`.
 
     **Arguments:**
 
     - `model`: the model, or its parameters, gradients or updates.
-    - `include_bias`: also decay vectors (biases).
+    - `include_bias`: also decay biases and other vectors.
 
     **Returns:**
 
@@ -105,10 +107,15 @@ def decay_mask(model: PyTree, *, include_bias: bool = False) -> PyTree[bool | No
     would mistake a precomputed mask for a function.
     """
     params = eqx.filter(model, eqx.is_inexact_array)
+
+    def is_bias(path, x) -> bool:
+        name = getattr(path[-1], "name", None) if path else None
+        return x.ndim < 2 or name == "bias"
+
     return jax.tree_util.tree_map(
-        lambda label, x: label == "trainable" and (include_bias or x.ndim >= 2),
+        lambda label, x: label == "trainable" and (include_bias or not x),
         feedback_labels(model),
-        params,
+        jax.tree_util.tree_map_with_path(is_bias, params),
     )
 
 

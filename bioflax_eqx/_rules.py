@@ -26,7 +26,7 @@ from ._kernels import uniform as fused_uniform
 from ._misc import check_scale, uniform
 
 
-RULES: tuple[str, ...] = ("bp", "fa", "kp", "dfa", "usf", "brsf", "frsf")
+RULES: tuple[str, ...] = ("bp", "fa", "kp", "wm", "dfa", "usf", "brsf", "frsf")
 
 
 def check_rule(rule: str) -> None:
@@ -351,6 +351,8 @@ class FRSF(AbstractRule):
     def feedback_weight(
         self, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "..."]:
+        # Checked before it is used: a wrong magnitude would broadcast silently.
+        check_feedback("magnitude", self.magnitude, self.weight)
         return self.feedback
 
 
@@ -361,8 +363,9 @@ class BRSF(AbstractRule):
     $$B = |M| \\circ \\operatorname{sign}(W), \\qquad
     M \\sim U(-s/\\sqrt{\\mathrm{fan\\_in}}, s/\\sqrt{\\mathrm{fan\\_in}})$$
 
-    with $M$ redrawn on every call from `key` (so every call needs one): it is
-    `jax.random.uniform(key, weight.shape, minval=-s/√fan_in, maxval=s/√fan_in)`.
+    with $M$ redrawn on every call from `key` (so every call needs one): under
+    `jit` it is, bit for bit, `jax.random.uniform(key, weight.shape,
+    minval=-s/√fan_in, maxval=s/√fan_in)`.
     Under `jax.vmap`, share the key across the batch (`in_axes=None`): one draw per
     batch, which also keeps the backward pass a single product. `feedback` returns
     the expected value $\\tfrac{s}{2\\sqrt{\\mathrm{fan\\_in}}}
@@ -403,15 +406,151 @@ class BRSF(AbstractRule):
             raise ValueError(
                 "BRSF draws new feedback magnitudes on every call: pass `key=`."
             )
-        # A fused Threefry, bit for bit `jax.random.uniform(key, weight.shape, ...)`.
+        # A fused Threefry: under jit, bit for bit `jax.random.uniform(key,
+        # weight.shape, ...)` (run eagerly, float64 may differ in the last bit).
         magnitude = fused_uniform(key, self.weight.shape, self.scale, self.weight.dtype)
         return jnp.abs(magnitude) * jnp.sign(self.weight)
+
+
+class WM(AbstractRule):
+    """Weight mirror (Akrout, Wilson, Humphreys, Lillicrap & Tweed 2019).
+
+    The learning phase is Feedback Alignment's with the current `B`:
+
+    $$\\bar x = B^\\top g, \\qquad \\Delta W \\propto g x^\\top, \\qquad
+    \\Delta B_{\\text{loss}} = 0,$$
+
+    and between learning steps a mirror phase ([`bioflax_eqx.mirror`][]) drives the
+    layer with its own noise, $x \\sim \\mathcal N(0, \\sigma^2 I)$, $y = W x$ (the
+    linear part), and moves `B` towards the correlation of the two:
+
+    $$B \\leftarrow (1 - \\eta_B \\lambda_B) B + \\eta_B \\, \\overline{y x^\\top}$$
+
+    in the weight's layout (the papers' $\\Delta B \\propto x y^\\top$ for $B$ of the
+    shape of $W^\\top$). Since $\\mathbb E[y x^\\top] = \\sigma^2 W$, `B` tracks
+    $\\sigma^2 W / \\lambda_B$ and $\\angle(W, B)$ falls towards 0. `feedback`
+    receives no gradient from the loss: mask it out of the optimiser like FA's.
+    """
+
+    layer: eqx.Module
+    feedback: Float[Array, "..."]
+    trains_feedback: ClassVar[bool] = False
+
+    def __init__(
+        self, layer: eqx.Module, *, feedback_scale: float = 1.0, key: PRNGKeyArray
+    ):
+        """**Arguments:** as [`bioflax_eqx.FA`][]: `B` starts as FA's random draw."""
+        check_layer(layer, "WM")
+        check_scale("feedback_scale", feedback_scale)
+        self.layer = layer
+        self.feedback = _draw(self.weight, feedback_scale, key)
+
+    def __check_init__(self):
+        check_layer(self.layer, "WM")
+        check_feedback("feedback", self.feedback, self.weight)
+
+    def feedback_weight(
+        self, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "..."]:
+        return self.feedback
+
+    def mirrored(
+        self,
+        key: PRNGKeyArray,
+        *,
+        lr: float,
+        noise_std: float,
+        decay: float,
+        batch_size: int,
+    ) -> "WM":
+        """This layer after one mirror step (see [`bioflax_eqx.mirror`][])."""
+        weight = lax.stop_gradient(self.weight)
+        matrix = weight.reshape(weight.shape[0], -1)
+        noise = noise_std * jax.random.normal(
+            key, (batch_size, matrix.shape[1]), weight.dtype
+        )
+        response = noise @ matrix.T
+        correlation = (response.T @ noise) / batch_size
+        feedback = (1 - lr * decay) * self.feedback + lr * correlation.reshape(
+            weight.shape
+        )
+        return eqx.tree_at(lambda m: m.feedback, self, feedback.astype(weight.dtype))
+
+
+def mirror(
+    model: PyTree,
+    key: PRNGKeyArray,
+    *,
+    lr: float = 0.005,
+    noise_std: float = 1.0,
+    decay: float = 1.0,
+    batch_size: int = 256,
+) -> PyTree:
+    """One mirror step of every [`bioflax_eqx.WM`][] layer in a model.
+
+    Each layer, independently of the data and of the others, draws `batch_size`
+    noise inputs $x_n \\sim \\mathcal N(0, \\sigma^2 I)$, computes $y_n = W x_n$ and
+    updates
+
+    $$B \\leftarrow (1 - \\eta_B \\lambda_B) B + \\frac{\\eta_B}{N} \\sum_n y_n
+    x_n^\\top .$$
+
+    The weight is read as a matrix of shape `(out, fan_in)`; for a convolution that
+    is the layer's operator applied to a noise patch the size of its receptive field
+    (one output position, no padding), so $\\mathbb E[y x^\\top] = \\sigma^2 W$ holds
+    for kernels too. The fixed point is $B = \\sigma^2 W / \\lambda_B$: with the
+    defaults, `B` tracks `W` itself.
+
+    **Arguments:**
+
+    - `model`: any model holding WM layers (others are left as they are).
+    - `key`: the noise; a fresh key per call.
+    - `lr`: the mirror learning rate $\\eta_B$.
+    - `noise_std`: the noise scale $\\sigma$.
+    - `decay`: the weight decay $\\lambda_B$ of `B`.
+    - `batch_size`: the number $N$ of noise inputs per layer and step.
+
+    **Returns:**
+
+    The model with every WM layer's `feedback` updated; nothing else changes.
+    """
+    check_scale("lr", lr)
+    check_scale("noise_std", noise_std)
+    if not (isinstance(decay, int | float) and math.isfinite(decay) and decay >= 0):
+        raise ValueError(f"`decay` must be a non-negative number, got {decay!r}.")
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or batch_size < 1
+    ):
+        raise ValueError(
+            f"`batch_size` must be a positive integer, got {batch_size!r}."
+        )
+    is_wm = lambda x: isinstance(x, WM)  # noqa: E731
+    count = sum(is_wm(x) for x in jax.tree_util.tree_leaves(model, is_leaf=is_wm))
+    keys = iter(jax.random.split(key, max(count, 1)))
+    return jax.tree_util.tree_map(
+        lambda x: (
+            x.mirrored(
+                next(keys),
+                lr=lr,
+                noise_std=noise_std,
+                decay=decay,
+                batch_size=batch_size,
+            )
+            if is_wm(x)
+            else x
+        ),
+        model,
+        is_leaf=is_wm,
+    )
 
 
 # Every rule but backprop and DFA wraps a layer alike.
 WRAPPERS: dict[str, Callable[..., AbstractRule]] = {
     "fa": FA,
     "kp": KP,
+    "wm": WM,
     "usf": USF,
     "brsf": BRSF,
     "frsf": FRSF,

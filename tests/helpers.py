@@ -1,3 +1,5 @@
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,3 +20,9 @@ def tree_allclose(x, y, *, rtol=1e-10, atol=1e-10) -> bool:
         elif a != b:
             return False
     return True
+
+
+def layers_of(model) -> list[Any]:
+    """`model.layers` as a list of `Any`: `bfx.MLP.layers` is typed as callables,
+    which hides the layers' `weight`, `bias` and `feedback` from pyright."""
+    return list(model.layers)

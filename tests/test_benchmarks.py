@@ -1,52 +1,116 @@
-"""The benchmark script runs end to end at tiny sizes, so that it cannot rot. No
+"""The benchmark scripts run end to end at tiny sizes, so that they cannot rot. No
 timing is asserted: the speed targets are checked in the benchmark's own report."""
 
-import importlib.util
+import importlib
 import pathlib
 import sys
 
 import pytest
 
 
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bioflax_eqx_bench", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+def scripts():
+    """The benchmark modules, imported as the scripts import each other (their
+    folder on `sys.path`)."""
+    names = ("_timing", "_torch", "mlp", "conv", "run_all")
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield {name: importlib.import_module(name) for name in names}
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
+        sys.path.remove(str(BENCHMARKS))
 
 
-def test_smoke_run_writes_a_report(bench, tmp_path, mnist_dir):
+def test_smoke_run_writes_a_report(scripts, tmp_path, mnist_dir):
     out = tmp_path / "results.md"
-    bench.main(
+    scripts["run_all"].main(
         ["--smoke", "--no-torch", "--out", str(out), "--data-dir", str(mnist_dir)]
     )
     text = out.read_text()
     assert "smoke run" in text
-    for rule in ("bp", "kp", "dfa"):
-        assert f"| {rule} |" in text
-    for section in ("## MLP 784-16-10", "## Whole MNIST epochs", "## Targets"):
+    for section in (
+        "## MLPs",
+        "### MLP 784-16-10",
+        "### Whole MNIST epochs, MLP 784-16-10",
+        "## LeNet-5",
+        "## Targets",
+    ):
         assert section in text
+    mlp, lenet = text.split("## LeNet-5")
+    for rule in ("bp", "kp", "dfa"):
+        assert f"| {rule} | " in mlp
+    for rule in ("bp", "fa", "dfa"):
+        assert f"| {rule} | " in lenet
+    # Every ratio is relative to backprop, measured in the same run.
+    assert "| bp | 1.00× | 1.00× |" in mlp
+    assert "| bp | 1.00× | 1.00× | 1.00× |" in lenet
 
 
-def test_smoke_never_overwrites_the_results(bench):
+def test_smoke_never_overwrites_the_results(scripts):
     with pytest.raises(SystemExit):
-        bench.main(["--smoke"])
+        scripts["run_all"].main(["--smoke"])
 
 
-def test_flop_count(bench):
+def test_epochs_run_through_the_library(scripts, monkeypatch, mnist_dir):
+    """The benchmark's epochs are `bfx.train_epoch`'s, not a copy of it."""
+    import jax
+    import jax.numpy as jnp
+
+    import bioflax_eqx as bfx
+
+    real = bfx.train_epoch
+    batch_sizes = []
+
+    class Spy:
+        def lower(self, *args, **kwargs):
+            batch_sizes.append(kwargs["batch_size"])
+            return real.lower(*args, **kwargs)  # pyright: ignore[reportFunctionMemberAccess]
+
+    monkeypatch.setattr(bfx, "train_epoch", Spy())
+    timing = scripts["_timing"]
+    x, y = timing.mnist(str(mnist_dir), 64)
+    model = bfx.MLP(784, 10, 8, 1, rule="fa", dtype=jnp.float32, key=jax.random.key(0))
+    case = timing.build_case(model, x, y, 16)
+    _, _, losses, _ = case.epoch()
+    assert batch_sizes == [16]
+    assert losses.shape == (4,)
+    assert bool(jnp.all(jnp.isfinite(losses)))
+
+
+def test_lenet_is_biotorchs(scripts):
+    """conv 5×5 → 6, pool, conv 5×5 → 16, pool, dense 120, 84, 10 on 1×28×28."""
+    import equinox as eqx
+    import jax
+
+    model = scripts["conv"].lenet(jax.random.key(0))
+    linear = [
+        layer
+        for layer in model.layers
+        if isinstance(layer, eqx.nn.Conv2d | eqx.nn.Linear)
+    ]
+    assert [layer.weight.shape for layer in linear] == [
+        (6, 1, 5, 5),
+        (16, 6, 5, 5),
+        (120, 256),
+        (84, 120),
+        (10, 84),
+    ]
+    x = jax.numpy.zeros((1, 28, 28), linear[0].weight.dtype)
+    assert model(x).shape == (10,)
+
+
+def test_flop_count(scripts):
+    mlp = scripts["mlp"]
     sizes, batch = [784, 1024, 1024, 10], 128
     layers = 784 * 1024 + 1024 * 1024 + 1024 * 10
     # Forward and weight gradient for every layer; no input cotangent for the data.
     chain = 1024 * 1024 + 1024 * 10
-    assert bench.matmul_flops("bp", sizes, batch) == 2 * batch * (2 * layers + chain)
-    assert bench.matmul_flops("fa", sizes, batch) == 2 * batch * (2 * layers + chain)
+    assert mlp.matmul_flops("bp", sizes, batch) == 2 * batch * (2 * layers + chain)
+    assert mlp.matmul_flops("fa", sizes, batch) == 2 * batch * (2 * layers + chain)
     # DFA's hidden layers read the 10 outputs' error instead of the next layer's.
     direct = 1024 * 10 + 1024 * 10
-    assert bench.matmul_flops("dfa", sizes, batch) == 2 * batch * (2 * layers + direct)
+    assert mlp.matmul_flops("dfa", sizes, batch) == 2 * batch * (2 * layers + direct)

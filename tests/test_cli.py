@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from bioflax_eqx import _checkpoint
-from bioflax_eqx._cli import main
+from bioflax_eqx.training import _checkpoint
+from bioflax_eqx.training._cli import main
 
 from .test_train import SMALL
 

@@ -19,10 +19,12 @@ def _loss(model, x, t, key):
     return jnp.sum((y - t) ** 2)
 
 
-def _compiled_grad_hlo(model) -> str:
+def _compiled_grad_hlo(model, spec=eqx.is_array) -> str:
+    """The compiled gradient of the summed loss with respect to the half of `model`
+    selected by `spec`."""
     x = jnp.zeros((BATCH, IN))
     t = jnp.zeros((BATCH, OUT))
-    params, static = eqx.partition(model, eqx.is_array)
+    params, static = eqx.partition(model, spec)
 
     def grad(params, x, t, key):
         return eqx.filter_grad(_loss)(eqx.combine(params, static), x, t, key)
@@ -47,6 +49,9 @@ def _per_example_weight_shapes(hlo: str) -> list[str]:
 def test_no_per_example_weight_gradient(rule, getkey):
     model = bfx.MLP(IN, OUT, WIDTH, 2, rule=rule, key=getkey())
     assert _per_example_weight_shapes(_compiled_grad_hlo(model)) == []
+    # Nor on the trainer's path, which differentiates `bfx.trainable`'s half only.
+    trained_half = _compiled_grad_hlo(model, bfx.trainable(model))
+    assert _per_example_weight_shapes(trained_half) == []
 
 
 def test_the_check_catches_a_per_example_backward(getkey):
@@ -100,7 +105,21 @@ def test_dfa_gradient_has_no_backward_chain(getkey):
     )
 
 
-@pytest.mark.parametrize("rule", ["fa", "kp", "dfa", "usf"])
+@pytest.mark.parametrize("rule", ["fa", "kp", "usf", "frsf", "brsf"])
+def test_feedback_rules_cost_what_backprop_costs(rule, getkey):
+    # Every rule of the FA family swaps Wᵀδ for Bᵀδ and adds no product: KP's
+    # feedback gradient is the weight gradient itself, sign symmetry builds B
+    # elementwise.
+    depth = 3
+    bp = bfx.MLP(IN, OUT, WIDTH, depth, rule="bp", key=getkey())
+    model = bfx.convert(bp, rule, key=getkey())
+    assert _count_dots(_compiled_grad_hlo(model)) == 3 * depth + 2
+    assert _count_dots(_compiled_grad_hlo(model, bfx.trainable(model))) == (
+        3 * depth + 2
+    )
+
+
+@pytest.mark.parametrize("rule", ["fa", "kp", "dfa", "usf", "frsf", "brsf"])
 def test_no_cotangent_for_the_data(rule, getkey):
     # The input of the first layer needs no gradient: no (batch, IN) product is built.
     model = bfx.MLP(IN, OUT, WIDTH, 2, rule=rule, key=getkey())

@@ -1,12 +1,15 @@
 """The CPU-friendly building blocks: the fused Threefry draws exactly what
-`jax.random` draws, and `row_major` changes no value."""
+`jax.random` draws (also as brSF's per-call feedback), and `row_major` changes no
+value."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.extend.random import threefry2x32_p
 
+import bioflax_eqx as bfx
 from bioflax_eqx._kernels import row_major, threefry2x32, uniform
 
 
@@ -68,3 +71,24 @@ def test_row_major_keeps_values(getkey):
     weights = jnp.arange(24.0).reshape(6, 4)
     grad = jax.grad(lambda x: jnp.sum(row_major(x.T) * weights))(x)
     np.testing.assert_array_equal(grad, weights.T)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda dtype, key: eqx.nn.Linear(7, 5, dtype=dtype, key=key),
+        lambda dtype, key: eqx.nn.Conv2d(3, 4, (3, 2), dtype=dtype, key=key),
+    ],
+    ids=["linear", "conv2d"],
+)
+def test_brsf_draw_is_jax_random_uniform(make, dtype, getkey):
+    # brSF's per-call magnitudes come from the fused Threefry: compiled, the same
+    # bits as jax.random.uniform(key, weight.shape, ±scale) for any weight shape.
+    layer = bfx.BRSF(make(dtype, getkey()))
+    weight = layer.weight
+    key = getkey()
+    got = eqx.filter_jit(lambda layer, key: layer.feedback_weight(key=key))(layer, key)
+    magnitude = jax.random.uniform(key, weight.shape, dtype, -layer.scale, layer.scale)
+    assert got.dtype == dtype and got.shape == weight.shape
+    np.testing.assert_array_equal(got, jnp.abs(magnitude) * jnp.sign(weight))

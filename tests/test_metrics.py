@@ -12,6 +12,8 @@ import pytest
 
 import bioflax_eqx as bfx
 
+from .helpers import layers_of
+
 
 def _half_squared_error(y, t):
     return 0.5 * jnp.sum((y - t) ** 2)
@@ -56,16 +58,18 @@ def test_angle_known_values():
 
 def test_weight_alignment_of_transposed_and_orthogonal_feedback(getkey):
     model = bfx.MLP(5, 3, 8, 2, rule="fa", key=getkey())
-    weights = [np.asarray(layer.weight) for layer in model.layers]
+    weights = [np.asarray(layer.weight) for layer in layers_of(model)]
     feedback = [
         np.asarray(layer.feedback)
         for layer in model.layers
-        if isinstance(layer, bfx.FALinear)
+        if isinstance(layer, bfx.FA)
     ]
+    assert [b.shape for b in feedback] == [w.shape for w in weights]
+    # `feedback` is stored in the weight's layout: B = W is the papers' B = Wᵀ.
     same = eqx.tree_at(
         lambda m: [layer.feedback for layer in m.layers],
         model,
-        [jnp.asarray(w.T) for w in weights],
+        [jnp.asarray(w) for w in weights],
     )
     metrics = weight_alignment(same)
     for i in range(3):
@@ -75,11 +79,49 @@ def test_weight_alignment_of_transposed_and_orthogonal_feedback(getkey):
     ortho = eqx.tree_at(
         lambda m: [layer.feedback for layer in m.layers],
         model,
-        [jnp.asarray(_orthogonalise(b.T, w).T) for w, b in zip(weights, feedback)],
+        [jnp.asarray(_orthogonalise(b, w)) for w, b in zip(weights, feedback)],
     )
     metrics = weight_alignment(ortho)
     for i in range(3):
         assert float(metrics[f"weight_angle/{i}"]) == pytest.approx(90.0, abs=1e-9)
+
+
+def _papers_feedback_in_weight_layout(layer, key) -> np.ndarray:
+    """`B` of one FA-family layer from its fields and the equations, stored like
+    `W` (the papers' `B` is its transpose). brSF: the draw of `key`, or with
+    `key=None` its expected value `(scale / 2) sign(W)`."""
+    w = np.asarray(layer.weight)
+    if isinstance(layer, bfx.FA | bfx.KP | bfx.WM):
+        return np.asarray(layer.feedback)
+    if isinstance(layer, bfx.USF):
+        return layer.scale * np.sign(w)
+    if isinstance(layer, bfx.FRSF):
+        return np.abs(np.asarray(layer.magnitude)) * np.sign(w)
+    if isinstance(layer, bfx.BRSF):
+        if key is None:
+            return layer.scale / 2 * np.sign(w)
+        m = jax.random.uniform(
+            key, w.shape, layer.weight.dtype, minval=-layer.scale, maxval=layer.scale
+        )
+        return np.abs(np.asarray(m)) * np.sign(w)
+    raise AssertionError(type(layer).__name__)
+
+
+@pytest.mark.parametrize("rule", ["fa", "kp", "usf", "frsf", "brsf"])
+def test_weight_alignment_against_numpy(rule, getkey):
+    model = bfx.MLP(5, 3, 8, 2, rule=rule, key=getkey())
+    metrics = weight_alignment(model)
+    assert len(metrics) == 2 * len(model.layers)
+    for i, layer in enumerate(layers_of(model)):
+        w = np.asarray(layer.weight)
+        b = _papers_feedback_in_weight_layout(layer, None)
+        cos = np.vdot(w, b) / (np.linalg.norm(w) * np.linalg.norm(b))
+        assert float(metrics[f"weight_angle/{i}"]) == pytest.approx(
+            math.degrees(math.acos(cos)), abs=1e-9
+        )
+        assert float(metrics[f"feedback_norm_ratio/{i}"]) == pytest.approx(
+            np.linalg.norm(b) / np.linalg.norm(w), rel=1e-12
+        )
 
 
 @pytest.mark.parametrize(
@@ -117,7 +159,7 @@ def test_fa_with_transposed_feedback_matches_backprop(getkey):
     model = eqx.tree_at(
         lambda m: [layer.feedback for layer in m.layers],
         model,
-        [layer.weight.T for layer in model.layers],
+        [layer.weight for layer in layers_of(model)],  # the papers' B = Wᵀ
     )
     x, t = _batch(getkey)
     metrics = alignment_metrics(model, x, t, _half_squared_error)
@@ -153,30 +195,31 @@ def test_random_feedback_is_misaligned_except_at_the_output(rule, getkey):
 
 def _reference_deltas(model: bfx.MLP, x, t, key) -> list[np.ndarray]:
     """Each layer's per-example error for ½‖y − t‖² and tanh hidden units, as the
-    papers define it: B_{l+1} δ_{l+1} (FA family), B_{l+1} e (DFA), Wᵀ (backprop)."""
-    keys = jax.random.split(key, len(model.layers))
+    papers define it: B_{l+1} δ_{l+1} (FA family), B_{l+1} e (DFA), Wᵀ (backprop).
+    With `B` stored like `W`, B_{l+1} δ is `δ @ B_stored` per row."""
+    keys = jax.random.split(key, len(model.layers))  # the MLP's split, per layer
     hs, pre = [np.asarray(x)], []
-    for i, layer in enumerate(model.layers):
+    for i, layer in enumerate(layers_of(model)):
         a = hs[-1] @ np.asarray(layer.weight).T + np.asarray(layer.bias)
         pre.append(a)
         hs.append(np.tanh(a) if i < len(model.layers) - 1 else a)
     e = hs[-1] - np.asarray(t)
     deltas = [e]
     for i in range(len(model.layers) - 2, -1, -1):
-        above, k = model.layers[i + 1], keys[i + 1]
-        if isinstance(above, bfx.DFALinear):
-            signal = e @ np.asarray(above.feedback).T
-        elif isinstance(above, bfx.AbstractFeedbackLinear):
-            signal = deltas[0] @ np.asarray(above.feedback_matrix(key=k)).T
+        above, k = layers_of(model)[i + 1], keys[i + 1]
+        if isinstance(above, bfx.DFA):
+            signal = e @ np.asarray(above.feedback).T  # feedback: (in, error)
+        elif isinstance(above, bfx.AbstractRule):
+            signal = deltas[0] @ _papers_feedback_in_weight_layout(above, k)
         else:
             signal = deltas[0] @ np.asarray(above.weight)
         deltas.insert(0, (1 - np.tanh(pre[i]) ** 2) * signal)
     return deltas
 
 
-# Backprop, the FA family (brSF with its key), and DFA's error channel; test_rules.py
-# checks every rule's gradients.
-@pytest.mark.parametrize("rule", ["bp", "fa", "brsf", "dfa"])
+# Every rule (brSF with its key, DFA's error channel); test_rules.py checks every
+# rule's gradients.
+@pytest.mark.parametrize("rule", bfx.RULES)
 def test_layer_deltas_match_the_papers(rule, getkey):
     model = bfx.MLP(5, 3, 8, 2, rule=rule, activation=jnp.tanh, key=getkey())
     x, t = _batch(getkey)

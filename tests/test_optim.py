@@ -1,4 +1,5 @@
-"""Optimiser masks: fixed feedback never moves; Kolen-Pollack's W − Bᵀ decays as
+"""Optimiser masks and filters: fixed feedback never moves; Kolen-Pollack's W − B
+(the papers' W − Bᵀ; `feedback` is stored in the weight's layout) decays as
 (1 − ηλ)^t."""
 
 import equinox as eqx
@@ -10,7 +11,7 @@ import pytest
 
 import bioflax_eqx as bfx
 
-from .helpers import tree_allclose
+from .helpers import layers_of, tree_allclose
 
 
 def _loss(model, x, t):
@@ -18,8 +19,9 @@ def _loss(model, x, t):
     return jnp.mean((y - t) ** 2)
 
 
-def _train(model, optimizer, steps, key):
-    params, static = eqx.partition(model, eqx.is_inexact_array)
+def _train(model, optimizer, steps, key, *, spec=eqx.is_inexact_array):
+    """`steps` steps of `optimizer` on the half of `model` selected by `spec`."""
+    params, static = eqx.partition(model, spec)
     opt_state = optimizer.init(params)
 
     @eqx.filter_jit
@@ -39,7 +41,8 @@ def _train(model, optimizer, steps, key):
 
 
 def _weight_minus_feedback(model):
-    return [np.asarray(layer.weight - layer.feedback.T) for layer in model.layers]
+    # Both in the weight's layout: the papers' W − Bᵀ.
+    return [np.asarray(layer.weight - layer.feedback) for layer in layers_of(model)]
 
 
 LR, DECAY, STEPS = 0.05, 0.1, 60
@@ -65,7 +68,9 @@ def test_kp_weight_and_feedback_converge_at_the_decay_rate(optimizer, getkey):
     for before, after in zip(start, _weight_minus_feedback(trained)):
         np.testing.assert_allclose(after, factor * before, rtol=1e-8, atol=1e-12)
     # The weights really trained (the identity is not the trivial no-update case).
-    assert not tree_allclose(trained.layers[0].weight, factor * model.layers[0].weight)
+    assert not tree_allclose(
+        layers_of(trained)[0].weight, factor * layers_of(model)[0].weight
+    )
 
 
 def test_predecessor_decay_order_makes_weights_grow(getkey):
@@ -96,7 +101,7 @@ def test_fixed_feedback_never_moves_under_adamw(rule, getkey):
     ]
     assert len(fixed(model)) == len(model.layers)
     assert all(bool(jnp.all(a == b)) for a, b in zip(fixed(model), fixed(trained)))
-    assert not tree_allclose(model.layers[0].weight, trained.layers[0].weight)
+    assert not tree_allclose(layers_of(model)[0].weight, layers_of(trained)[0].weight)
 
 
 def test_unmasked_adamw_would_move_feedback(getkey):
@@ -104,22 +109,117 @@ def test_unmasked_adamw_would_move_feedback(getkey):
     model = bfx.MLP(6, 3, 8, 1, rule="fa", key=getkey())
     trained = _train(model, optax.adamw(LR, weight_decay=DECAY), 5, getkey())
     before, after = model.layers[0], trained.layers[0]
-    assert isinstance(before, bfx.FALinear) and isinstance(after, bfx.FALinear)
+    assert isinstance(before, bfx.FA) and isinstance(after, bfx.FA)
     assert not tree_allclose(before.feedback, after.feedback)
 
 
 def test_decay_mask_and_labels(getkey):
     kp = bfx.MLP(4, 2, 3, 1, rule="kp", key=getkey())
+    # (The masks hold bools, not arrays: read them through `.layer`, not through the
+    # wrappers' `weight` and `bias` properties.)
     mask = bfx.decay_mask(kp)
-    assert [(m.weight, m.bias, m.feedback) for m in mask.layers] == [
+    assert [(m.layer.weight, m.layer.bias, m.feedback) for m in mask.layers] == [
         (True, False, True)
     ] * 2
     with_bias = bfx.decay_mask(kp, include_bias=True)
-    assert all(m.bias for m in with_bias.layers)
+    assert all(m.layer.bias for m in with_bias.layers)
     fa = bfx.MLP(4, 2, 3, 1, rule="fa", key=getkey())
     assert [m.feedback for m in bfx.decay_mask(fa).layers] == [False, False]
+    assert [m.layer.weight for m in bfx.decay_mask(fa).layers] == [True, True]
     assert [m.feedback for m in bfx.feedback_labels(fa).layers] == ["fixed", "fixed"]
+    assert [m.layer.weight for m in bfx.feedback_labels(fa).layers] == ["trainable"] * 2
     assert [m.feedback for m in bfx.feedback_labels(kp).layers] == ["trainable"] * 2
+    frsf = bfx.MLP(4, 2, 3, 1, rule="frsf", key=getkey())
+    assert [m.magnitude for m in bfx.feedback_labels(frsf).layers] == ["fixed"] * 2
+    dfa = bfx.MLP(4, 2, 3, 1, rule="dfa", key=getkey())
+    assert [m.feedback for m in bfx.feedback_labels(dfa).layers] == ["fixed"] * 2
+    # Sign symmetry stores no feedback array: nothing to label but W and b.
+    usf = bfx.MLP(4, 2, 3, 1, rule="usf", key=getkey())
+    assert set(jax.tree_util.tree_leaves(bfx.feedback_labels(usf))) == {"trainable"}
+    assert len(jax.tree_util.tree_leaves(bfx.feedback_labels(usf))) == 4
     # A plain Equinox model has nothing to freeze.
     linear = eqx.nn.Linear(3, 2, key=getkey())
     assert bfx.feedback_labels(linear).weight == "trainable"
+
+
+def _fixed_arrays(model) -> list:
+    """The model's fixed feedback arrays, in pytree order."""
+    labels = bfx.feedback_labels(model)
+    return [
+        x
+        for x, label in zip(
+            jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array)),
+            jax.tree_util.tree_leaves(labels),
+        )
+        if label == "fixed"
+    ]
+
+
+@pytest.mark.parametrize("rule", bfx.RULES)
+def test_trainable_leaves_fixed_feedback_out(rule, getkey):
+    model = bfx.MLP(4, 2, 3, 1, rule=rule, key=getkey())
+    params, static = eqx.partition(model, bfx.trainable(model))
+    # The filter spec has the model's structure, one bool per leaf.
+    assert jax.tree_util.tree_structure(bfx.trainable(model)) == (
+        jax.tree_util.tree_structure(model)
+    )
+    for layer, half in zip(layers_of(model), layers_of(params)):
+        # Weights and biases are always in the trained half.
+        assert half.weight is layer.weight and half.bias is layer.bias
+        if rule in ("fa", "wm", "dfa"):
+            assert half.feedback is None and layer.feedback is not None
+        elif rule == "kp":
+            assert half.feedback is layer.feedback
+        elif rule == "frsf":
+            assert half.magnitude is None and layer.magnitude is not None
+    # Exactly the fixed feedback is left out, and it lands in the static half.
+    n_fixed = {"fa": 2, "wm": 2, "dfa": 2, "frsf": 2}.get(rule, 0)
+    assert len(_fixed_arrays(model)) == n_fixed
+    assert len(jax.tree_util.tree_leaves(params)) == 4 + (2 if rule == "kp" else 0)
+    assert len(jax.tree_util.tree_leaves(eqx.filter(static, eqx.is_array))) == n_fixed
+    assert eqx.tree_equal(eqx.combine(params, static), model)
+
+
+@pytest.mark.parametrize("rule", ["fa", "dfa", "frsf"])
+def test_trainable_half_with_plain_adamw_never_moves_fixed_feedback(rule, getkey):
+    # No freeze_feedback: the optimiser never sees fixed feedback at all.
+    model = bfx.MLP(6, 3, 8, 2, rule=rule, key=getkey())
+    optimizer = optax.adamw(LR, weight_decay=DECAY, mask=bfx.decay_mask)
+    params = eqx.filter(model, bfx.trainable(model))
+    # No optimiser state for fixed feedback: Adam's moments hold W and b only.
+    with jax.numpy_dtype_promotion("standard"):
+        opt_state = optimizer.init(params)
+    mu = opt_state[0].mu  # pyright: ignore[reportIndexIssue, reportAttributeAccessIssue]
+    assert len(jax.tree_util.tree_leaves(mu)) == 2 * len(model.layers)
+    trained = _train(model, optimizer, 5, getkey(), spec=bfx.trainable(model))
+    before, after = _fixed_arrays(model), _fixed_arrays(trained)
+    assert len(before) == len(after) == len(model.layers)
+    assert all(bool(jnp.all(a == b)) for a, b in zip(before, after))
+    assert not tree_allclose(layers_of(model)[0].weight, layers_of(trained)[0].weight)
+
+
+def test_trainable_half_keeps_the_kp_decay_identity(getkey):
+    model = bfx.MLP(6, 3, 8, 2, rule="kp", key=getkey())
+    start = _weight_minus_feedback(model)
+    optimizer = optax.adamw(LR, weight_decay=DECAY, mask=bfx.decay_mask)
+    trained = _train(model, optimizer, STEPS, getkey(), spec=bfx.trainable(model))
+    factor = (1 - LR * DECAY) ** STEPS
+    for before, after in zip(start, _weight_minus_feedback(trained)):
+        np.testing.assert_allclose(after, factor * before, rtol=1e-8, atol=1e-12)
+    assert not tree_allclose(
+        layers_of(trained)[0].weight, factor * layers_of(model)[0].weight
+    )
+    # ... and the feedback really moved (it trains).
+    assert not tree_allclose(
+        layers_of(trained)[0].feedback, layers_of(model)[0].feedback
+    )
+
+
+def test_trainable_matches_freeze_feedback(getkey):
+    # The cheap path and the masked path train the same model, step for step.
+    model = bfx.MLP(6, 3, 8, 2, rule="fa", key=getkey())
+    key = getkey()
+    adamw = optax.adamw(LR, weight_decay=DECAY, mask=bfx.decay_mask)
+    cheap = _train(model, adamw, 5, key, spec=bfx.trainable(model))
+    masked = _train(model, bfx.freeze_feedback(adamw), 5, key)
+    assert tree_allclose(cheap, masked, rtol=1e-12, atol=1e-14)

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 import bioflax_eqx as bfx
-from bioflax_eqx import _checkpoint, _train
+from bioflax_eqx.training import _checkpoint, _run as _train
+
+from .helpers import layers_of, tree_allclose
 
 
 # 500 training, 100 validation and 600 test examples; 10 steps per epoch. A warm-up,
@@ -166,6 +168,12 @@ def test_files_written(tmp_path, mnist_dir):
     assert summary["final"] == history[-1] and summary["status"] == "completed"
     assert summary["n_params"] == 784 * 16 + 16 + 16 * 10 + 10
     assert summary["n_fixed_feedback_params"] == 784 * 16 + 16 * 10
+    # FA (the default rule) trained its weights but never its feedback.
+    initial = _build(result.config)
+    for before, after in zip(initial.layers, result.model.layers):
+        assert isinstance(before, bfx.FA) and isinstance(after, bfx.FA)
+        np.testing.assert_array_equal(before.feedback, after.feedback)
+        assert not tree_allclose(before.weight, after.weight)
 
 
 def test_existing_runs_and_bad_checkpoints_are_refused_before_any_work(
@@ -253,28 +261,31 @@ def test_every_rule_starts_from_the_same_weights():
     for rule, model in models.items():
         assert model.rule == rule
         assert eqx.tree_equal(
-            [(layer.weight, layer.bias) for layer in model.layers],
-            [(layer.weight, layer.bias) for layer in models["bp"].layers],
+            [(layer.weight, layer.bias) for layer in layers_of(model)],
+            [(layer.weight, layer.bias) for layer in layers_of(models["bp"])],
         ), rule
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
 def test_kp_decay_shrinks_weight_minus_feedback(optimizer):
     # Decay as L2 before the learning-rate scale (sgd; momentum shares its code) or
-    # decoupled (adamw): one step from a zero optimiser state shrinks W - Bᵀ by
-    # exactly (1 - lr * decay).
+    # decoupled (adamw): one step from a zero optimiser state shrinks W - B (stored
+    # like W: the papers' W - Bᵀ) by exactly (1 - lr * decay).
     lr, decay = 0.1, 0.3
     fields = {**SMALL, "warmup_epochs": 0}
     config = bfx.TrainConfig(
         rule="kp", optimizer=optimizer, lr=lr, weight_decay=decay, **fields
     )
     model = _build(config)
-    params = eqx.filter(model, eqx.is_inexact_array)
+    # The half the trainer optimises (for KP: every floating array).
+    params = eqx.filter(model, bfx.trainable(model))
+    assert eqx.tree_equal(params, eqx.filter(model, eqx.is_inexact_array))
     grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    # KP's feedback gradient is the weight gradient itself (same layout).
     grads = eqx.tree_at(
         lambda g: [layer.feedback for layer in _kp_layers(g)],
         grads,
-        [layer.weight.T for layer in _kp_layers(grads)],
+        [layer.weight for layer in _kp_layers(grads)],
     )
     transform = _train._optimizer(config)
 
@@ -285,13 +296,13 @@ def test_kp_decay_shrinks_weight_minus_feedback(optimizer):
 
     with jax.numpy_dtype_promotion("standard"):
         new = eqx.combine(step(params, grads), model)
-    # Adam's first step is ±lr for W and Bᵀ alike: L2 before it leaves W - Bᵀ as is
-    # (after it, W - Bᵀ would grow by 1 + decay).
+    # Adam's first step is ±lr for W and B alike: L2 before it leaves W - B as is
+    # (after it, W - B would grow by 1 + decay).
     factor = 1.0 if optimizer == "adam" else 1 - lr * decay
     for before, after in zip(_kp_layers(model), _kp_layers(new)):
         np.testing.assert_allclose(
-            after.weight - after.feedback.T,
-            factor * (before.weight - before.feedback.T),
+            after.weight - after.feedback,
+            factor * (before.weight - before.feedback),
             rtol=1e-5,
             atol=1e-7,  # float32, as trained
         )
@@ -300,10 +311,58 @@ def test_kp_decay_shrinks_weight_minus_feedback(optimizer):
         np.testing.assert_allclose(after.bias - before.bias, -lr, rtol=1e-5)
 
 
-def _kp_layers(model: bfx.MLP) -> list[bfx.KPLinear]:
-    layers = [layer for layer in model.layers if isinstance(layer, bfx.KPLinear)]
+def _kp_layers(model: bfx.MLP) -> list[bfx.KP]:
+    layers = [layer for layer in model.layers if isinstance(layer, bfx.KP)]
     assert len(layers) == len(model.layers)
     return layers
+
+
+@pytest.mark.parametrize("rule", ["fa", "dfa", "frsf"])
+def test_the_trainer_never_hands_fixed_feedback_to_the_optimiser(rule):
+    # With decay on every matrix: fixed feedback must still not move, because the
+    # trainer optimises `eqx.partition(model, bfx.trainable(model))` only.
+    fields = {**SMALL, "warmup_epochs": 0}
+    config = bfx.TrainConfig(rule=rule, optimizer="adamw", weight_decay=0.3, **fields)
+    model = _build(config)
+    params = eqx.filter(model, bfx.trainable(model))
+    fixed = [
+        x
+        for x, label in zip(
+            jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array)),
+            jax.tree_util.tree_leaves(bfx.feedback_labels(model)),
+        )
+        if label == "fixed"
+    ]
+    assert len(fixed) == len(model.layers)
+    # Only weights and biases are optimised: no optimiser state for fixed feedback.
+    assert len(jax.tree_util.tree_leaves(params)) == 2 * len(model.layers)
+    transform = _train._optimizer(config)
+    with jax.numpy_dtype_promotion("standard"):
+        state = transform.init(params)
+    n_state = sum(x.size for x in jax.tree_util.tree_leaves(state))
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    # Adam's two moments and step counts, nothing for the feedback.
+    assert 2 * n_params <= n_state < 2 * n_params + 100
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+
+    @jax.jit
+    def step(params, grads):
+        updates, _ = transform.update(grads, transform.init(params), params)
+        return eqx.apply_updates(params, updates)
+
+    with jax.numpy_dtype_promotion("standard"):
+        new = eqx.combine(step(params, grads), model)
+    moved = [
+        x
+        for x, label in zip(
+            jax.tree_util.tree_leaves(eqx.filter(new, eqx.is_inexact_array)),
+            jax.tree_util.tree_leaves(bfx.feedback_labels(new)),
+        )
+        if label == "fixed"
+    ]
+    for a, b in zip(fixed, moved):
+        np.testing.assert_array_equal(a, b)
+    assert not tree_allclose(layers_of(new)[0].weight, layers_of(model)[0].weight)
 
 
 def test_schedules():

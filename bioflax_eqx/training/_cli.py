@@ -5,21 +5,17 @@ import dataclasses
 import json
 import pathlib
 import sys
+import typing
 from collections.abc import Sequence
 from typing import Any
 
+from .._data import DataNotFoundError
+from .._rules import RULES
 from ._checkpoint import CheckpointError
-from ._data import DataNotFoundError
-from ._rules import RULES
-from ._train import (
-    ACTIVATIONS,
+from ._config import ConfigError, TrainConfig, field_type
+from ._run import (
     CONFIG_NAME,
-    DATASETS,
-    OPTIMIZERS,
-    SCHEDULES,
-    ConfigError,
     DivergedError,
-    TrainConfig,
     TrainResult,
     compare,
     comparison_rows,
@@ -28,43 +24,45 @@ from ._train import (
 
 
 _DEFAULTS = TrainConfig()
+# Fields with options of their own in each command (`train --rule`, `--out`).
+_OWN = ("rule", "out")
 
-# (flag, field, type, choices, help); every default is TrainConfig's.
-_OPTIONS: list[tuple[str, str, type, Sequence[str] | None, str]] = [
-    ("--dataset", "dataset", str, DATASETS, "the task"),
-    ("--data-dir", "data_dir", str, None, "folder of the IDX files (MNIST format)"),
-    ("--limit", "limit", int, None, "read only this many train/test IDX examples"),
-    ("--val-size", "val_size", int, None, "training examples held out"),
-    ("--n-train", "n_train", int, None, "training examples of synthetic tasks"),
-    ("--n-test", "n_test", int, None, "test examples of synthetic tasks"),
-    ("--width", "width", int, None, "hidden layer size"),
-    ("--depth", "depth", int, None, "number of hidden layers"),
-    ("--activation", "activation", str, tuple(ACTIVATIONS), "hidden activation"),
-    ("--optimizer", "optimizer", str, OPTIMIZERS, "optimiser"),
-    ("--lr", "lr", float, None, "peak learning rate"),
-    ("--schedule", "schedule", str, SCHEDULES, "learning-rate schedule"),
-    ("--warmup-epochs", "warmup_epochs", int, None, "linear warm-up epochs"),
-    ("--weight-decay", "weight_decay", float, None, "weight decay, in [0, 1)"),
-    ("--batch-size", "batch_size", int, None, "examples per step"),
-    ("--epochs", "epochs", int, None, "epochs to train"),
-    ("--seed", "seed", int, None, "seed of every random choice"),
-    ("--feedback-scale", "feedback_scale", float, None, "scale of random feedback"),
-    ("--metrics-batch", "metrics_batch", int, None, "examples for alignment metrics"),
-]
-_FLAGS = {field: flag for flag, field, *_ in _OPTIONS}
-_FLAGS.update(rule="--rule", out="--out", rules="--rules")
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "yes", "on", "1"):
+        return True
+    if text.lower() in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid bool value: {text!r} (true or false)")
+
+
+def _options() -> list[tuple[str, dataclasses.Field]]:
+    """`(flag, field)` for every TrainConfig field with its own option, in the
+    config's order; type, choices and help come from the field."""
+    return [
+        (_flag(f.name), f)
+        for f in dataclasses.fields(TrainConfig)
+        if f.name not in _OWN
+    ]
 
 
 def _add_run_options(parser: argparse.ArgumentParser, default_out: str) -> None:
     # Options default to "not given" so that --resume can tell what was asked for.
-    for flag, field, kind, choices, help in _OPTIONS:
+    hints = typing.get_type_hints(TrainConfig)
+    for flag, field in _options():
+        kind, _ = field_type(hints[field.name])
         parser.add_argument(
             flag,
-            dest=field,
-            type=kind,
-            choices=choices,
+            dest=field.name,
+            type=_bool if kind is bool else kind,
+            choices=field.metadata.get("choices"),
             default=argparse.SUPPRESS,
-            help=f"{help} (default: {getattr(_DEFAULTS, field)})",
+            metavar="BOOL" if kind is bool else None,
+            help=f"{field.metadata['help']} (default: {field.default})",
         )
     parser.add_argument(
         "--out",
@@ -87,7 +85,11 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     """The main parser, and each command's (whose `error` names the command)."""
     parser = argparse.ArgumentParser(
         prog="bioflax-eqx",
-        description="Train MLPs without weight transport (FA, KP, DFA, sign symmetry).",
+        description=(
+            "Train networks without weight transport (FA, KP, WM, DFA, sign "
+            "symmetry): MLPs, LeNet, a small VGG and ResNet-20 on MNIST, "
+            "Fashion-MNIST, CIFAR-10 or synthetic tasks."
+        ),
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train_parser = commands.add_parser(
@@ -166,7 +168,7 @@ def format_table(results: dict[str, TrainResult]) -> str:
         "test loss",
         "∠grad",
         "∠δ per layer",
-        "∠(W,Bᵀ) per layer",
+        "∠(W,B) per layer",
         "s/epoch",
     ]
     rows = [header]
@@ -191,7 +193,8 @@ def format_table(results: dict[str, TrainResult]) -> str:
 
 def _report(result: TrainResult) -> str:
     final: dict[str, Any] = result.history[-1]
-    parts = [f"{result.config.rule} on {result.config.dataset}"]
+    config = result.config
+    parts = [f"{config.rule} {config.model} on {config.dataset}"]
     parts.append(f"epoch {final['epoch']}")
     if final.get("test_acc") is not None:
         parts.append(f"test accuracy {100 * final['test_acc']:.2f}%")
@@ -214,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = _config(args, default_out)
     except ConfigError as e:
-        sub.error(f"argument {_FLAGS.get(e.field, e.field)}: {e.reason}")
+        sub.error(f"argument {_flag(e.field)}: {e.reason}")
     except (ValueError, TypeError) as e:
         sub.error(str(e))
     try:
@@ -236,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if config.out is not None and not args.quiet:
                 print(f"written to {config.out}")
     except ConfigError as e:
-        sub.error(f"argument {_FLAGS.get(e.field, e.field)}: {e.reason}")
+        sub.error(f"argument {_flag(e.field)}: {e.reason}")
     except (
         FileExistsError,
         CheckpointError,

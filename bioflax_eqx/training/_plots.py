@@ -82,7 +82,7 @@ def plot_learning_curves(
 _ALIGNMENT_PANELS = (
     ("grad_angle", "weight gradient vs BP (°)"),
     ("delta_angle", "δ vs BP's δ (°)"),
-    ("weight_angle", "W vs Bᵀ (°)"),
+    ("weight_angle", "W vs B (°)"),
 )
 
 

@@ -2,16 +2,19 @@
 checkpoints after every epoch, bit-identical resume.
 
 A run is a pure function of its [`TrainConfig`][bioflax_eqx.TrainConfig]: every random
-choice (validation split, initial weights, feedback, batch order, brSF's draws) comes
-from `jax.random.key(config.seed)`.
+choice (validation split, initial weights, feedback, batch order, augmentation,
+brSF's draws) comes from `jax.random.key(config.seed)`.
 """
 
 import collections
 import dataclasses
+import functools
+import importlib.util
 import json
 import math
 import pathlib
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,9 +23,14 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
+from .._convert import convert, linear_layers
+from .._data import Dataset, augment_images, load_dataset, sine, teacher_student
+from .._dfa import DFA
+from .._metrics import alignment_metrics
+from .._optim import decay_mask, feedback_labels, freeze_feedback, trainable
+from .._rules import RULES, WM, WRAPPERS, AbstractFeedback, AbstractRule, mirror
 from ._checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -31,36 +39,21 @@ from ._checkpoint import (
     read_header,
     save_checkpoint,
 )
-from ._convert import convert
-from ._data import (
-    Dataset,
-    epoch_batches,
-    load_dataset,
-    sine,
-    teacher_student,
+from ._config import (
+    ACTIVATIONS,
+    IMAGE_SHAPES,
+    IMAGE_SIZES,
+    TEACHER,
+    ConfigError,
+    TrainConfig,
+    check_choice,
+    io_shapes,
 )
-from ._metrics import alignment_metrics
-from ._mlp import MLP
-from ._optim import decay_mask, feedback_labels, freeze_feedback
+from ._epoch import train_epoch_with_state
+from ._models import BATCH_AXIS, lenet, mlp, resnet20, vgg
 from ._plots import plot_alignment, plot_comparison, plot_learning_curves
-from ._rules import RULES
 
 
-DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "teacher_student", "sine")
-OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam", "adamw")
-SCHEDULES: tuple[str, ...] = ("constant", "cosine")
-ACTIVATIONS: dict[str, Callable] = {
-    "relu": jax.nn.relu,
-    "tanh": jnp.tanh,
-    "gelu": jax.nn.gelu,
-    "silu": jax.nn.silu,
-    "sigmoid": jax.nn.sigmoid,
-}
-
-# Training and test examples in the MNIST-format files.
-_IDX_SIZES = {"mnist": (60_000, 10_000), "fashion_mnist": (60_000, 10_000)}
-# The teacher network of `dataset="teacher_student"`: in, out, width, depth.
-TEACHER = (32, 4, 64, 2)
 _MOMENTUM = 0.9
 
 CONFIG_NAME = "config.json"
@@ -81,188 +74,9 @@ _RELOCATABLE = ("data_dir", "out")
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 
 
-class ConfigError(ValueError):
-    """An invalid [`TrainConfig`][bioflax_eqx.TrainConfig] field; `field` names it."""
-
-    field: str
-    reason: str
-
-    def __init__(self, field: str, reason: str):
-        super().__init__(f"`{field}` {reason}")
-        self.field = field
-        self.reason = reason
-
-
 class DivergedError(FloatingPointError):
     """The loss or the parameters became NaN or infinite; training stopped and the
     last good checkpoint was kept."""
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_int(field: str, value: object, least: int) -> None:
-    if not _is_int(value) or value < least:  # pyright: ignore[reportOperatorIssue]
-        raise ConfigError(field, f"must be an integer >= {least}, got {value!r}.")
-
-
-def _check_choice(field: str, value: object, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ConfigError(field, f"must be one of {', '.join(choices)}; got {value!r}.")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a training run; invalid values raise a
-    [`ConfigError`][bioflax_eqx.ConfigError] naming the field on construction,
-    before any work.
-
-    The defaults train a 784-256-256-10 ReLU MLP on MNIST with Adam (learning rate
-    1e-3, batch 64), which passes 90% test accuracy after one epoch with every rule.
-
-    **Fields:**
-
-    - `rule`: one of [`bioflax_eqx.RULES`][]: `bp fa kp dfa usf brsf frsf`.
-    - `dataset`: `mnist`, `fashion_mnist` (IDX files, see
-        [`bioflax_eqx.load_dataset`][]), `teacher_student` (regression on a random
-        tanh teacher, 32 inputs, 4 outputs, two hidden layers of 64) or `sine`
-        (regression, `y = sin(x)`).
-    - `data_dir`: the folder holding the IDX files; `None` uses `$BIOFLAX_EQX_DATA`
-        or the cache (downloading there once).
-    - `limit`: read only the first `limit` training and test examples of an IDX data
-        set (for quick checks).
-    - `val_size`: training examples held out for validation (chosen by the seed).
-    - `n_train`, `n_test`: examples of the synthetic tasks (`val_size` more are drawn
-        for validation).
-    - `width`, `depth`: hidden layer size and number of hidden layers.
-    - `activation`: `relu`, `tanh`, `gelu`, `silu` or `sigmoid`.
-    - `optimizer`: `sgd`, `momentum` (SGD with momentum 0.9), `adam` or `adamw`.
-    - `lr`: peak learning rate, > 0.
-    - `schedule`: `constant`, or `cosine` decay to 0 over the run.
-    - `warmup_epochs`: linear warm-up from 0 over this many epochs first.
-    - `weight_decay`: in `[0, 1)`, on weight matrices and Kolen-Pollack's feedback
-        ([`bioflax_eqx.decay_mask`][]), never on biases or fixed feedback. Added to
-        the gradient before the optimiser (L2) for `sgd`, `momentum` and `adam`;
-        decoupled for `adamw`.
-    - `batch_size`: examples per step; the last incomplete batch of each epoch is
-        dropped.
-    - `epochs`: epochs to train, >= 1.
-    - `seed`: the seed every random choice derives from.
-    - `feedback_scale`: scale of the random feedback matrices (see each layer).
-    - `metrics_batch`: examples of the fixed batch (the first of the validation
-        split, or of the training split without one) for the alignment metrics.
-    - `out`: the output folder; `None` writes nothing.
-    """
-
-    rule: str = "fa"
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    limit: int | None = None
-    val_size: int = 5000
-    n_train: int = 20_000
-    n_test: int = 5000
-    width: int = 256
-    depth: int = 2
-    activation: str = "relu"
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    schedule: str = "constant"
-    warmup_epochs: int = 0
-    weight_decay: float = 0.0
-    batch_size: int = 64
-    epochs: int = 10
-    seed: int = 0
-    feedback_scale: float = 1.0
-    metrics_batch: int = 1000
-    out: str | None = None
-
-    def __post_init__(self):
-        _check_choice("rule", self.rule, RULES)
-        _check_choice("dataset", self.dataset, DATASETS)
-        _check_choice("activation", self.activation, tuple(ACTIVATIONS))
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("schedule", self.schedule, SCHEDULES)
-        if self.limit is not None:
-            _check_int("limit", self.limit, 1)
-            if self.dataset not in _IDX_SIZES:
-                raise ConfigError(
-                    "limit", "applies to mnist and fashion_mnist only; use n_train."
-                )
-        for field, least in [
-            ("val_size", 0),
-            ("n_train", 1),
-            ("n_test", 1),
-            ("width", 1),
-            ("depth", 0),
-            ("warmup_epochs", 0),
-            ("batch_size", 1),
-            ("epochs", 1),
-            ("seed", 0),
-            ("metrics_batch", 1),
-        ]:
-            _check_int(field, getattr(self, field), least)
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError("lr", f"must be a positive number, got {self.lr!r}.")
-        if not 0 <= self.weight_decay < 1:
-            raise ConfigError(
-                "weight_decay", f"must be in [0, 1), got {self.weight_decay!r}."
-            )
-        if not (math.isfinite(self.feedback_scale) and self.feedback_scale > 0):
-            raise ConfigError(
-                "feedback_scale",
-                f"must be a positive number, got {self.feedback_scale!r}.",
-            )
-        if self.schedule == "cosine" and self.warmup_epochs >= self.epochs:
-            raise ConfigError(
-                "warmup_epochs",
-                f"must be less than epochs ({self.epochs}) for a cosine schedule, "
-                f"got {self.warmup_epochs}.",
-            )
-        if self.dataset in _IDX_SIZES:
-            available = _IDX_SIZES[self.dataset][0]
-            if self.limit is not None:
-                available = min(available, self.limit)
-            if self.val_size >= available:
-                raise ConfigError(
-                    "val_size",
-                    f"must be less than the {available} training examples, got "
-                    f"{self.val_size}.",
-                )
-        n_train = self.split_sizes[0]
-        if self.batch_size > n_train:
-            raise ConfigError(
-                "batch_size",
-                f"must be at most the {n_train} training examples, got "
-                f"{self.batch_size}.",
-            )
-
-    @property
-    def split_sizes(self) -> tuple[int, int, int]:
-        """Examples in the training, validation and test splits."""
-        if self.dataset in _IDX_SIZES:
-            n_train, n_test = _IDX_SIZES[self.dataset]
-            if self.limit is not None:
-                n_train, n_test = min(n_train, self.limit), min(n_test, self.limit)
-            return n_train - self.val_size, self.val_size, n_test
-        return self.n_train, self.val_size, self.n_test
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.split_sizes[0] // self.batch_size
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dict."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, fields: dict[str, Any]) -> "TrainConfig":
-        """The inverse of `to_dict`; unknown fields raise a `ConfigError`."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        for name in fields:
-            if name not in known:
-                raise ConfigError(name, "is not a TrainConfig field.")
-        return cls(**fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,32 +86,97 @@ class TrainResult:
     **Fields:**
 
     - `config`: the run's configuration.
-    - `model`: the trained model (a [`bioflax_eqx.MLP`][]).
+    - `model`: the trained model (for `model="mlp"` a [`bioflax_eqx.MLP`][], for the
+        conv nets the converted `eqx.nn.Sequential` or [`bioflax_eqx.Sequential`][],
+        for `"custom"` the model passed in, trained).
+    - `state`: the model's `eqx.nn.State` (batch norm's statistics), or `None` for
+        a model without state.
     - `history`: one dict per epoch, the lines of `metrics.jsonl`.
     - `summary`: the contents of `summary.json`.
     """
 
     config: TrainConfig
-    model: MLP
+    model: Any
     history: list[dict[str, Any]]
     summary: dict[str, Any]
+    state: Any = None
+
+
+# ------------------------------------------------------------- optional extras
+
+
+def _available(module: str) -> bool:
+    # `sys.modules[name] = None` (how the tests hide a package) means "not there".
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+_NOTICES: set[str] = set()
+
+
+def _notice(message: str) -> None:
+    """Prints `message` to stderr once per process."""
+    if message not in _NOTICES:
+        _NOTICES.add(message)
+        print(f"bioflax-eqx: {message}", file=sys.stderr)
+
+
+def _plots_available() -> bool:
+    if _available("matplotlib"):
+        return True
+    _notice(
+        "plots skipped: matplotlib is not installed (pip install 'bioflax_eqx[train]')."
+    )
+    return False
+
+
+class _NoBar:
+    """Stands in for a tqdm bar when tqdm is not installed or `quiet` is set."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int) -> None:
+        del n
+
+    def set_postfix(self, postfix: dict[str, str], refresh: bool = True) -> None:
+        del postfix, refresh
+
+
+def _progress(config: TrainConfig, initial: int, quiet: bool):
+    if quiet:
+        return _NoBar()
+    if not _available("tqdm"):
+        _notice(
+            "no progress bar: tqdm is not installed (pip install 'bioflax_eqx[train]')."
+        )
+        return _NoBar()
+    # Imported here: tqdm is an optional dependency (the `train` extra). Plain text
+    # bars, also in notebooks (tqdm.auto warns there without ipywidgets).
+    from tqdm import tqdm
+
+    return tqdm(
+        total=config.epochs,
+        initial=initial,
+        desc=f"{config.rule} {config.model} {config.dataset}",
+        unit="epoch",
+        dynamic_ncols=True,
+    )
 
 
 # ----------------------------------------------------------------------- the pieces
 
 
-def _io_sizes(config: TrainConfig) -> tuple[int, int]:
-    """Model input and output sizes, known without loading the data."""
-    if config.dataset in _IDX_SIZES:
-        return 784, 10
-    if config.dataset == "teacher_student":
-        return TEACHER[0], TEACHER[1]
-    return 1, 1
-
-
 def _load_data(config: TrainConfig, key: PRNGKeyArray) -> Dataset:
     n_train, n_val, n_test = config.split_sizes
-    if config.dataset in _IDX_SIZES:
+    if config.dataset in IMAGE_SIZES:
         return load_dataset(
             config.dataset,
             config.data_dir,
@@ -322,31 +201,127 @@ def _load_data(config: TrainConfig, key: PRNGKeyArray) -> Dataset:
     return sine(key, n_train=n_train, n_val=n_val, n_test=n_test, dtype=jnp.float32)
 
 
-def _build_model(config: TrainConfig, key: PRNGKeyArray) -> MLP:
-    """Backprop's MLP converted to the rule, so that every rule of a seed starts from
-    the same weights and biases (and FA, KP, DFA and frSF from the same draw of
-    feedback, where the shapes agree)."""
+def _plain_model(config: TrainConfig, key: PRNGKeyArray) -> Any:
+    """The configuration's network, trained by backprop."""
+    (in_size,), out_size = io_shapes(config)
+    activation = ACTIVATIONS[config.activation]
+    if config.model == "mlp":
+        return mlp(in_size, out_size, config.width, config.depth, activation, key=key)
+    builders = {"lenet": lenet, "vgg": vgg, "resnet20": resnet20}
+    image_shape = IMAGE_SHAPES[config.dataset]
+    return builders[config.model](image_shape, out_size, activation, key=key)
+
+
+def _has_state(model: PyTree) -> bool:
+    leaves = jax.tree_util.tree_leaves(
+        model, is_leaf=lambda x: isinstance(x, eqx.nn.StateIndex)
+    )
+    return any(isinstance(x, eqx.nn.StateIndex) for x in leaves)
+
+
+def _split_state(model: PyTree, state: Any = None) -> tuple[PyTree, Any]:
+    """The model without its initial state, and the state (`None` without any)."""
+    if not _has_state(model):
+        return model, None
+    if state is None:
+        state = eqx.nn.State(model)
+    return eqx.nn.delete_init_state(model), state
+
+
+def _build_model(config: TrainConfig, key: PRNGKeyArray) -> tuple[Any, Any]:
+    """The backprop network converted to the rule, so that every rule of a seed
+    starts from the same weights and biases (and FA, KP, DFA and frSF from the same
+    draw of feedback, where the shapes agree); and its state (batch norm), or
+    `None`."""
     init_key, feedback_key = jax.random.split(key)
-    in_size, out_size = _io_sizes(config)
-    model = MLP(
-        in_size,
-        out_size,
-        config.width,
-        config.depth,
-        rule="bp",
-        activation=ACTIVATIONS[config.activation],
-        dtype=jnp.float32,
-        key=init_key,
-    )
-    if config.rule == "bp":
-        return model
-    return convert(
-        model,
-        config.rule,
-        key=feedback_key,
-        feedback_scale=config.feedback_scale,
-        error_features=out_size,
-    )
+    model = _plain_model(config, init_key)
+    _, out_size = io_shapes(config)
+    if config.rule != "bp":
+        image_shape = IMAGE_SHAPES.get(config.dataset)
+        model = convert(
+            model,
+            config.rule,
+            key=feedback_key,
+            feedback_scale=config.feedback_scale,
+            error_features=out_size,
+            input_shape=None if config.model == "mlp" else image_shape,
+        )
+    return _split_state(model)
+
+
+def _rule_of(model: PyTree) -> str | None:
+    """The rule of a model's wrappers: `"bp"` without any, `None` if mixed."""
+    wrappers = [
+        x
+        for x in jax.tree_util.tree_leaves(
+            model, is_leaf=lambda x: isinstance(x, AbstractFeedback)
+        )
+        if isinstance(x, AbstractFeedback)
+    ]
+    if not wrappers:
+        return "bp"
+    if all(not isinstance(x, AbstractRule) for x in wrappers):
+        return "dfa"
+    kinds = {type(x) for x in wrappers}
+    for rule, wrapper in WRAPPERS.items():
+        if kinds == {wrapper}:
+            return rule
+    return None
+
+
+def _check_custom(config: TrainConfig, model: Any) -> None:
+    if config.model != "custom":
+        if model is not None:
+            raise ConfigError(
+                "model",
+                f"must be 'custom' to train the model passed, got {config.model!r}.",
+            )
+        return
+    if model is None:
+        raise ConfigError(
+            "model",
+            "'custom' trains a model of your own: pass it to bfx.train(config, "
+            "model=...) (from Python).",
+        )
+    if not linear_layers(model):
+        raise ValueError("the model passed has no linear layers to train.")
+    found = _rule_of(model)
+    if found != config.rule and not (config.rule == "dfa" and isinstance(model, DFA)):
+        raise ConfigError(
+            "rule",
+            f"is {config.rule!r}, but the model passed is built with "
+            f"{'mixed rules' if found is None else repr(found)}: convert it with "
+            f"bfx.convert(model, {config.rule!r}, ...) first.",
+        )
+
+
+def _takes_images(config: TrainConfig, model: Any) -> bool:
+    """Whether the model takes images `(C, H, W)` (else flat vectors): the conv nets
+    do; a custom model does on an image data set if its first linear layer is not
+    dense."""
+    if config.model in ("lenet", "vgg", "resnet20"):
+        return True
+    if config.model == "custom" and config.dataset in IMAGE_SHAPES:
+        return not isinstance(linear_layers(convert(model, "bp"))[0], eqx.nn.Linear)
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """What the compiled functions need besides the arrays (hashed, static)."""
+
+    config: TrainConfig
+    image_shape: tuple[int, ...] | None  # the model's input shape, if images
+    stateful: bool
+
+
+def _setup(config: TrainConfig, model: Any, state: Any) -> _Setup:
+    """The configuration with the fields that do not change the compiled programs
+    reset, so that runs differing only in them share the programs."""
+    epochs = config.epochs if config.schedule == "cosine" else 1
+    key = dataclasses.replace(config, out=None, data_dir=None, seed=0, epochs=epochs)
+    image_shape = IMAGE_SHAPES[config.dataset] if _takes_images(config, model) else None
+    return _Setup(key, image_shape, state is not None)
 
 
 def _schedule(config: TrainConfig) -> optax.Schedule:
@@ -373,11 +348,26 @@ def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
             momentum = _MOMENTUM if config.optimizer == "momentum" else None
             inner = optax.sgd(lr, momentum=momentum)
         if config.weight_decay > 0:
-            # Before the learning-rate scale, so Kolen-Pollack's W - Bᵀ shrinks by
+            # Before the learning-rate scale, so Kolen-Pollack's W - B shrinks by
             # (1 - lr * decay) per step (chained after, it would grow).
             decay = optax.add_decayed_weights(config.weight_decay, mask=decay_mask)
             inner = optax.chain(decay, inner)
-    return freeze_feedback(inner)
+    # The trainer optimises `_partition(model)`: fixed feedback never reaches the
+    # optimiser, so it needs no freezing, except WM's, which the mirror moves.
+    return freeze_feedback(inner) if config.rule == "wm" else inner
+
+
+def _partition(model: PyTree) -> tuple[PyTree, PyTree]:
+    """`eqx.partition(model, trainable(model))`, with WM's feedback on the trained
+    side too: the mirror step changes it inside the epoch's scan."""
+
+    def spec(x):
+        if isinstance(x, WM):
+            return jax.tree_util.tree_map(eqx.is_inexact_array, x)
+        return trainable(x)
+
+    spec = jax.tree_util.tree_map(spec, model, is_leaf=lambda x: isinstance(x, WM))
+    return eqx.partition(model, spec)
 
 
 def _cross_entropy(
@@ -393,7 +383,7 @@ def _squared_error(
 
 
 def _loss_fn(config: TrainConfig) -> Callable[[Array, Array], Array]:
-    return _cross_entropy if config.dataset in _IDX_SIZES else _squared_error
+    return _cross_entropy if config.classification else _squared_error
 
 
 def _hits(outputs: Array, labels: Array) -> Float[Array, " batch"]:
@@ -405,63 +395,119 @@ def _all_finite(tree: PyTree) -> Array:
     return jnp.all(jnp.stack(leaves))
 
 
-def _compile_key(config: TrainConfig) -> TrainConfig:
-    """The configuration with the fields that do not change the compiled programs
-    reset, so that runs differing only in them share the programs (the compiled
-    functions below take it as a static, hashed argument)."""
-    epochs = config.epochs if config.schedule == "cosine" else 1
-    return dataclasses.replace(config, out=None, data_dir=None, seed=0, epochs=epochs)
+class _Applied(eqx.Module):
+    """A model as the trainer calls it on one stored (flat) example: reshaped to
+    its image, and with a fixed state (in inference mode) for models with state.
+    Used for evaluation and the alignment metrics, which call `model(x, key=key)`."""
+
+    model: Any
+    state: Any
+    image_shape: tuple[int, ...] | None = eqx.field(static=True)
+
+    def __call__(self, x: Array, *, key: PRNGKeyArray | None = None) -> Array:
+        if self.image_shape is not None:
+            x = x.reshape(self.image_shape)
+        if self.state is None:
+            return self.model(x, key=key)
+        return self.model(x, self.state, key=key)[0]
 
 
-def _batch_loss(params, static, x, y, key, loss_fn):
-    model = eqx.combine(params, static)
-    # brSF draws one feedback matrix per step: the key is shared by the batch.
-    outputs = jax.vmap(lambda xi: model(xi, key=key))(x)
-    return jnp.mean(jax.vmap(loss_fn)(outputs, y)), outputs
+def _step_loss(setup: _Setup):
+    """The loss of one minibatch for
+    [`train_epoch_with_state`][bioflax_eqx.train_epoch_with_state], with its
+    accuracy (zero for regression) as the auxiliary output."""
+    config = setup.config
+    loss_fn = _loss_fn(config)
+
+    def step_loss(model, state, x, y, key):
+        if config.augments:
+            augment_key, key = jax.random.split(key)
+            x = augment_images(augment_key, x, IMAGE_SHAPES[config.dataset])
+        if setup.image_shape is not None:
+            x = x.reshape(x.shape[0], *setup.image_shape)
+        # brSF draws one feedback matrix per step: the key is shared by the batch.
+        if state is None:
+            outputs = jax.vmap(lambda xi: model(xi, key=key))(x)
+        else:
+            # Batch norm: statistics over the minibatch, running averages updated.
+            outputs, state = jax.vmap(
+                lambda xi, s: model(xi, s, key=key),
+                axis_name=BATCH_AXIS,
+                in_axes=(0, None),
+                out_axes=(0, None),
+            )(x, state)
+        loss = jnp.mean(jax.vmap(loss_fn)(outputs, y))
+        hits = jnp.mean(_hits(outputs, y)) if config.classification else jnp.zeros(())
+        return loss, (hits, state)
+
+    return step_loss
+
+
+def _mirror_step(
+    config: TrainConfig,
+) -> Callable[[PyTree, PRNGKeyArray], PyTree] | None:
+    """The weight mirror's step with the run's settings, for rule `wm`."""
+    if config.rule != "wm":
+        return None
+    return functools.partial(
+        mirror,
+        lr=config.mirror_lr,
+        noise_std=config.mirror_noise,
+        decay=config.mirror_decay,
+        batch_size=config.mirror_batch,
+    )
 
 
 @eqx.filter_jit
-def _train_epoch(params, opt_state, x, y, key, static, setup: TrainConfig):
-    """One epoch: shuffle, then a `lax.scan` of optimiser steps over the batches."""
+def _train_epoch(params, state, opt_state, x, y, key, static, setup: _Setup):
+    """One epoch ([`train_epoch_with_state`][bioflax_eqx.train_epoch_with_state]),
+    its mean loss and accuracy, and whether the losses and parameters stayed
+    finite."""
     TRACE_COUNTS["epoch"] += 1
-    optimizer = _optimizer(setup)
-    loss_fn = _loss_fn(setup)
-    classification = setup.dataset in _IDX_SIZES
-
-    def step(carry, batch):
-        params, opt_state = carry
-        x, y, key = batch
-        (loss, outputs), grads = jax.value_and_grad(_batch_loss, has_aux=True)(
-            params, static, x, y, key, loss_fn
-        )
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = eqx.apply_updates(params, updates)
-        hits = jnp.mean(_hits(outputs, y)) if classification else jnp.zeros(())
-        return (params, opt_state), (loss, hits)
-
-    shuffle_key, step_key = jax.random.split(key)
-    xb, yb = epoch_batches(shuffle_key, x, y, setup.batch_size)
-    keys = jax.random.split(step_key, xb.shape[0])
-    (params, opt_state), (losses, hits) = lax.scan(
-        step, (params, opt_state), (xb, yb, keys)
+    params, state, opt_state, losses, hits = train_epoch_with_state(
+        params,
+        static,
+        state,
+        opt_state,
+        x,
+        y,
+        key,
+        optimizer=_optimizer(setup.config),
+        loss_fn=_step_loss(setup),
+        batch_size=setup.config.batch_size,
+        after_step=_mirror_step(setup.config),
     )
     finite = jnp.all(jnp.isfinite(losses)) & _all_finite(params)
-    return params, opt_state, jnp.mean(losses), jnp.mean(hits), finite
+    return params, state, opt_state, jnp.mean(losses), jnp.mean(hits), finite
+
+
+# Examples per evaluation chunk: bounds the memory of conv nets on big test sets.
+_EVAL_CHUNK = 1000
 
 
 @eqx.filter_jit
-def _evaluate(params, splits, fixed_x, fixed_y, key, static, setup: TrainConfig):
+def _evaluate(params, state, splits, fixed_x, fixed_y, key, static, setup: _Setup):
     """Loss (and accuracy) on each `(x, y)` of `splits`, and the alignment metrics on
-    the fixed batch: one compiled call per epoch, outside the training scan."""
+    the fixed batch: one compiled call per epoch, outside the training scan.
+    Batch norm in inference mode (its running statistics)."""
     TRACE_COUNTS["evaluate"] += 1
-    loss_fn = _loss_fn(setup)
+    config = setup.config
+    loss_fn = _loss_fn(config)
+    model = eqx.combine(params, static)
+    if state is not None:
+        model = eqx.nn.inference_mode(model)
+    applied = _Applied(model, state, setup.image_shape)
     results = []
     for x, y in splits:
-        loss, outputs = _batch_loss(params, static, x, y, key, loss_fn)
-        acc = jnp.mean(_hits(outputs, y)) if setup.dataset in _IDX_SIZES else None
-        results.append((loss, acc))
-    model = eqx.combine(params, static)
-    alignment = alignment_metrics(model, fixed_x, fixed_y, loss_fn, key=key)
+
+        def one(xy):
+            output = applied(xy[0], key=key)
+            return loss_fn(output, xy[1]), output
+
+        losses, outputs = jax.lax.map(one, (x, y), batch_size=_EVAL_CHUNK)
+        acc = jnp.mean(_hits(outputs, y)) if config.classification else None
+        results.append((jnp.mean(losses), acc))
+    alignment = alignment_metrics(applied, fixed_x, fixed_y, loss_fn, key=key)
     return results, alignment
 
 
@@ -541,13 +587,14 @@ def _n_params(model: PyTree) -> tuple[int, int]:
 
 
 def _summary(
-    config: TrainConfig, model: MLP, history: list[dict[str, Any]]
+    config: TrainConfig, model: Any, history: list[dict[str, Any]]
 ) -> dict[str, Any]:
     final = history[-1]
     trainable, fixed = _n_params(model)
     summary = {
         "status": "completed",
         "rule": config.rule,
+        "model": config.model,
         "dataset": config.dataset,
         "epochs": final["epoch"],
         "final": final,
@@ -567,56 +614,79 @@ def _summary(
 def _finish(
     config: TrainConfig,
     out: pathlib.Path | None,
-    model: MLP,
+    model: Any,
+    state: Any,
     history: list[dict[str, Any]],
 ) -> TrainResult:
     summary = _summary(config, model, history)
     if out is not None:
         _write_json(out / SUMMARY_NAME, summary)
-        title = f"{config.rule} on {config.dataset}"
-        plot_learning_curves(history, out / CURVES_NAME, title)
-        plot_alignment(history, out / ALIGNMENT_NAME, title)
-    return TrainResult(config, model, history, summary)
-
-
-def _progress(config: TrainConfig, initial: int, quiet: bool):
-    # Imported here: tqdm is an optional dependency (the `train` extra). Plain text
-    # bars, also in notebooks (tqdm.auto warns there without ipywidgets).
-    from tqdm import tqdm
-
-    return tqdm(
-        total=config.epochs,
-        initial=initial,
-        desc=f"{config.rule} {config.dataset}",
-        unit="epoch",
-        disable=quiet,
-        dynamic_ncols=True,
-    )
+        if _plots_available():
+            title = f"{config.rule} {config.model} on {config.dataset}"
+            plot_learning_curves(history, out / CURVES_NAME, title)
+            plot_alignment(history, out / ALIGNMENT_NAME, title)
+    return TrainResult(config, model, history, summary, state)
 
 
 # ------------------------------------------------------------------------- the runs
 
 
+def _initial(
+    config: TrainConfig, model_key: PRNGKeyArray, model: Any, state: Any
+) -> tuple[Any, Any]:
+    """The run's initial model and state: built from the configuration, or the
+    custom model passed (as built, with its feedback)."""
+    if config.model == "custom":
+        return _split_state(model, state)
+    return _build_model(config, model_key)
+
+
 def train(
     config: TrainConfig,
     *,
+    model: Any = None,
+    state: Any = None,
     resume: bool = False,
     overwrite: bool = False,
     quiet: bool = False,
     callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
-    """Trains a [`bioflax_eqx.MLP`][] as the configuration says.
+    """Trains the configuration's network (or a model of your own) with its rule.
 
     Each epoch is one compiled call (a `lax.scan` over the shuffled minibatches, on
-    device); then the validation and test splits are evaluated and the alignment
-    metrics ([`bioflax_eqx.alignment_metrics`][]) computed on a fixed batch. With
-    `config.out` set, every epoch also writes a checkpoint and `metrics.jsonl`, and
-    the end of the run `summary.json` and two plots (all described on the Training
-    page of this site).
+    device, with batch norm's state carried through and, for CIFAR-10, each
+    minibatch augmented); then the validation and test splits are evaluated (batch
+    norm in inference mode) and the alignment metrics
+    ([`bioflax_eqx.alignment_metrics`][]) computed on a fixed batch. With
+    `config.out` set, every epoch also writes a checkpoint (parameters, state,
+    optimiser state, RNG) and `metrics.jsonl`, and the end of the run
+    `summary.json` and two plots (when matplotlib is installed; all described on
+    the Training page of this site).
+
+    ```python
+    net = eqx.nn.Sequential([
+        eqx.nn.Conv2d(1, 8, 3, key=k1), eqx.nn.Lambda(jax.nn.relu),
+        eqx.nn.Lambda(jnp.ravel), eqx.nn.Linear(8 * 26 * 26, 10, key=k2),
+    ])
+    net = bfx.convert(net, "fa", key=k3)
+    config = bfx.TrainConfig(rule="fa", model="custom", dataset="mnist", epochs=1)
+    result = bfx.train(config, model=net)
+    ```
 
     **Arguments:**
 
     - `config`: the run.
+    - `model`: with `config.model="custom"`, the model to train, as built: any
+        Equinox model that the rule's mechanism supports, already using
+        `config.rule` (e.g. from [`bioflax_eqx.convert`][]; for `"bp"`, plain
+        layers). It is called per example as `model(x, key=key)`, or
+        `model(x, state, key=key) -> (y, state)` if it has state (batch norm with
+        `axis_name="batch"`, the name of the trainer's vmapped axis). On an image
+        data set it gets images `(C, H, W)` if its first linear layer is a
+        convolution, else flat vectors. Pass the same model to resume (and to
+        [`bioflax_eqx.load_run`][]).
+    - `state`: the custom model's `eqx.nn.State`, if it has state and was made
+        with `eqx.nn.make_with_state` (else it is read off the model).
     - `resume`: continue from the checkpoint in `config.out`. The configuration must
         match the checkpoint's, except `data_dir`, `out`, and `epochs` (which may
         grow, for a constant schedule). The finished run is bit-identical to one
@@ -641,6 +711,7 @@ def train(
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"`config` must be a TrainConfig, got {type(config).__name__}.")
+    _check_custom(config, model)
     out = None if config.out is None else pathlib.Path(config.out)
     header, payload = None, b""
     if resume:
@@ -653,7 +724,7 @@ def train(
     # optax's Adam mixes a float with its int32 step count: standard promotion, so
     # that training works whatever the caller's setting (the arrays are float32).
     with jax.numpy_dtype_promotion("standard"):
-        return _run(config, out, header, payload, quiet, callback)
+        return _run(config, out, header, payload, quiet, callback, model, state)
 
 
 def _run(
@@ -663,20 +734,22 @@ def _run(
     payload: bytes,
     quiet: bool,
     callback: Callable[[dict[str, Any]], None] | None,
+    custom: Any,
+    custom_state: Any,
 ) -> TrainResult:
     data_key, model_key, train_key, metrics_key = jax.random.split(
         jax.random.key(config.seed), 4
     )
-    model = _build_model(config, model_key)
-    params, static = eqx.partition(model, eqx.is_inexact_array)
+    model, state = _initial(config, model_key, custom, custom_state)
+    params, static = _partition(model)
     optimizer = _optimizer(config)
     opt_state = optimizer.init(params)
     rng = train_key
     history: list[dict[str, Any]] = []
     elapsed = 0.0
     if header is not None and out is not None:
-        like = (params, opt_state, jax.random.key_data(rng))
-        params, opt_state, rng_data = load_state(out, payload, like)
+        like = (params, opt_state, jax.random.key_data(rng), state)
+        params, opt_state, rng_data, state = load_state(out, payload, like)
         rng = jax.random.wrap_key_data(rng_data)
         history = list(header["history"])
         elapsed = float(header["elapsed_s"])
@@ -686,13 +759,15 @@ def _run(
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / CONFIG_NAME, config.to_dict())
     if start == config.epochs:  # resuming a finished run
-        return _finish(config, out, eqx.combine(params, static), history)
+        return _finish(config, out, eqx.combine(params, static), state, history)
 
     data = _load_data(config, data_key)
-    if (data.n_features, data.n_outputs) != _io_sizes(config):
+    if (data.n_features, data.n_outputs) != (
+        io_shapes(config)[0][0],
+        io_shapes(config)[1],
+    ):
         raise RuntimeError(f"{config.dataset} does not have the expected shapes.")
-    classification = data.task == "classification"
-    setup = _compile_key(config)
+    setup = _setup(config, model, state)
     # A fixed batch for the metrics, so that epochs are comparable.
     source = data.val if data.val.x.shape[0] > 0 else data.train
     fixed_x = source.x[: config.metrics_batch]
@@ -705,8 +780,15 @@ def _run(
         for epoch in range(start + 1, config.epochs + 1):
             t0 = time.perf_counter()
             rng, epoch_key = jax.random.split(rng)
-            new_params, new_opt_state, loss, acc, finite = _train_epoch(
-                params, opt_state, data.train.x, data.train.y, epoch_key, static, setup
+            new_params, new_state, new_opt_state, loss, acc, finite = _train_epoch(
+                params,
+                state,
+                opt_state,
+                data.train.x,
+                data.train.y,
+                epoch_key,
+                static,
+                setup,
             )
             finite = bool(finite)
             t1 = time.perf_counter()
@@ -721,9 +803,10 @@ def _run(
                     f"became NaN or infinite (mean loss {float(loss)}); {kept}. Try a "
                     "smaller learning rate (--lr)."
                 )
-            params, opt_state = new_params, new_opt_state
+            params, state, opt_state = new_params, new_state, new_opt_state
             evaluated, alignment = _evaluate(
                 params,
+                state,
                 [tuple(s) for s in splits.values()],
                 fixed_x,
                 fixed_y,
@@ -735,7 +818,7 @@ def _run(
                 "epoch": epoch,
                 "lr": _json_float(schedule(epoch * config.steps_per_epoch)),
                 "train_loss": _json_float(loss),
-                "train_acc": _json_float(acc) if classification else None,
+                "train_acc": _json_float(acc) if config.classification else None,
             }
             for name, (split_loss, split_acc) in zip(splits, evaluated):
                 record[f"{name}_loss"] = _json_float(split_loss)
@@ -756,14 +839,14 @@ def _run(
                     "elapsed_s": elapsed,
                     "history": history,
                 }
-                state = (params, opt_state, jax.random.key_data(rng))
-                save_checkpoint(out, checkpoint_header, state)
+                saved = (params, opt_state, jax.random.key_data(rng), state)
+                save_checkpoint(out, checkpoint_header, saved)
                 _write_history(out, history)
             bar.update(1)
             bar.set_postfix(_postfix(record), refresh=True)
             if callback is not None:
                 callback(record)
-    return _finish(config, out, eqx.combine(params, static), history)
+    return _finish(config, out, eqx.combine(params, static), state, history)
 
 
 def _postfix(record: dict[str, Any]) -> dict[str, str]:
@@ -778,31 +861,37 @@ def _postfix(record: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def load_run(folder: str | pathlib.Path) -> TrainResult:
+def load_run(
+    folder: str | pathlib.Path, *, model: Any = None, state: Any = None
+) -> TrainResult:
     """Loads the last checkpoint of a run written by [`bioflax_eqx.train`][].
 
     **Arguments:**
 
     - `folder`: the run's output folder.
+    - `model`, `state`: for a run of `model="custom"`, the model (and state) that
+        was passed to [`bioflax_eqx.train`][]: the structure to load into.
 
     **Returns:**
 
-    A [`TrainResult`][bioflax_eqx.TrainResult] with the model as of the last
-    completed epoch and the metrics up to it.
+    A [`TrainResult`][bioflax_eqx.TrainResult] with the model (and state) as of the
+    last completed epoch and the metrics up to it.
     """
     folder = pathlib.Path(folder)
     header, payload = read_header(folder)
     config = TrainConfig.from_dict(header["config"])
+    _check_custom(config, model)
     with jax.numpy_dtype_promotion("standard"):
         _, model_key, train_key, _ = jax.random.split(jax.random.key(config.seed), 4)
-        model = _build_model(config, model_key)
-        params, static = eqx.partition(model, eqx.is_inexact_array)
+        initial, state = _initial(config, model_key, model, state)
+        params, static = _partition(initial)
         opt_state = _optimizer(config).init(params)
-        like = (params, opt_state, jax.random.key_data(train_key))
-        params, _, _ = load_state(folder, payload, like)
-        model = eqx.combine(params, static)
+        like = (params, opt_state, jax.random.key_data(train_key), state)
+        params, _, _, state = load_state(folder, payload, like)
+        trained = eqx.combine(params, static)
     history = list(header["history"])
-    return TrainResult(config, model, history, _summary(config, model, history))
+    summary = _summary(config, trained, history)
+    return TrainResult(config, trained, history, summary, state)
 
 
 def compare(
@@ -836,7 +925,7 @@ def compare(
     if not rules:
         raise ConfigError("rules", "must name at least one rule.")
     for rule in rules:
-        _check_choice("rules", rule, RULES)
+        check_choice("rules", rule, RULES)
     if len(set(rules)) != len(rules):
         raise ConfigError("rules", f"must not repeat a rule, got {', '.join(rules)}.")
     out = None if config.out is None else pathlib.Path(config.out)
@@ -866,9 +955,10 @@ def compare(
     }
     if out is not None:
         _write_json(out / COMPARISON_NAME, comparison_rows(results))
-        histories = {rule: r.history for rule, r in results.items()}
-        title = f"{config.dataset}, seed {config.seed}"
-        plot_comparison(histories, out / COMPARISON_PLOT_NAME, title)
+        if _plots_available():
+            histories = {rule: r.history for rule, r in results.items()}
+            title = f"{config.dataset}, seed {config.seed}"
+            plot_comparison(histories, out / COMPARISON_PLOT_NAME, title)
     return results
 
 

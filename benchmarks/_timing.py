@@ -1,0 +1,290 @@
+"""What every benchmark script shares: the interleaved-median timer, the machine's
+description and load, the MNIST location, and the compiled programs (gradient,
+optimiser step, whole epoch through `bfx.train_epoch`) of any Equinox model."""
+
+import dataclasses
+import importlib.metadata
+import os
+import pathlib
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+
+import bioflax_eqx as bfx
+
+
+DTYPE = jnp.float32
+LR = 1e-3
+
+
+# ------------------------------------------------------------------------ timing
+
+
+def block(tree: Any) -> None:
+    jax.block_until_ready(tree)
+
+
+def time_call(fn: Callable[[], Any], calls: int) -> float:
+    """Seconds per call, over `calls` back-to-back calls."""
+    start = time.perf_counter()
+    out = None
+    for _ in range(calls):
+        out = fn()
+    block(out)
+    return (time.perf_counter() - start) / calls
+
+
+@dataclasses.dataclass
+class Timings:
+    """Median seconds per call of each entry, and the interquartile range of its
+    samples over that median (how much the machine's load moved it)."""
+
+    median: dict[Any, float]
+    spread: dict[Any, float]
+
+    def __getitem__(self, name: Any) -> float:
+        return self.median[name]
+
+    def get(self, name: Any) -> float | None:
+        return self.median.get(name)
+
+
+def interleaved(
+    entries: dict[Any, Callable[[], Any]],
+    rounds: int,
+    calls: int = 1,
+    seed: int = 0,
+    warm_up: bool = True,
+) -> Timings:
+    """Times every entry `rounds` times; each round runs each entry once (`calls`
+    back-to-back calls), in a fresh random order, so that load changes hit all
+    entries alike. Returns medians over the rounds."""
+    for fn in entries.values() if warm_up else ():  # first-call allocations
+        block(fn())
+    samples: dict[Any, list[float]] = {name: [] for name in entries}
+    order = list(entries)
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            samples[name].append(time_call(entries[name], calls))
+    return Timings(
+        {name: statistics.median(s) for name, s in samples.items()},
+        {name: _spread(s) for name, s in samples.items()},
+    )
+
+
+def _spread(samples: list[float]) -> float:
+    if len(samples) < 4:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(samples, n=4)
+    return (q3 - q1) / statistics.median(samples)
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}×"
+
+
+# ----------------------------------------------------------------------- machine
+
+
+def machine() -> dict[str, str]:
+    """The CPU (model, vector extensions), cores, memory and library versions."""
+    cpu, flags = platform.processor() or "unknown", ""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni")
+                flags = " ".join(f for f in wanted if f in have)
+    except OSError:
+        pass
+    memory = "unknown"
+    try:
+        for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                memory = f"{int(line.split()[1]) / 2**20:.1f} GiB"
+    except OSError:
+        pass
+    return {
+        "CPU": f"{cpu} ({flags})" if flags else cpu,
+        "cores": str(os.cpu_count()),
+        "memory": memory,
+        "Python": platform.python_version(),
+        "JAX / jaxlib": f"{jax.__version__} / {importlib.metadata.version('jaxlib')}",
+        "Equinox / optax": (
+            f"{importlib.metadata.version('equinox')} / "
+            f"{importlib.metadata.version('optax')}"
+        ),
+        "JAX backend": jax.default_backend(),
+        "XLA threads": "all cores (XLA:CPU default)",
+    }
+
+
+def load() -> str:
+    """The load average over 1, 5 and 15 minutes."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def default_data_dir() -> str | None:
+    """`$BIOFLAX_EQX_DATA`, else the project's shared copy beside the repository,
+    else None: the library's cache folder, downloading once if needed."""
+    if os.environ.get("BIOFLAX_EQX_DATA"):
+        return os.environ["BIOFLAX_EQX_DATA"]
+    shared = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+    return str(shared) if shared.is_dir() else None
+
+
+def mnist(data_dir: str | None, limit: int | None):
+    """The MNIST training split, float32, flattened (n, 784), integer labels."""
+    dataset = bfx.load_dataset(
+        "mnist",
+        default_data_dir() if data_dir is None else data_dir,
+        val_size=0,
+        limit=limit,
+        dtype=DTYPE,
+    )
+    return dataset.train.x, dataset.train.y
+
+
+# ------------------------------------------------------------ compiled programs
+
+
+def cross_entropy(logits, labels):
+    picked = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - picked)
+
+
+def batch_loss(model, x, y, key):
+    """The loss for `bfx.train_epoch`: one key for the whole batch (brSF draws one
+    feedback matrix per step), no auxiliary output."""
+    logits = jax.vmap(lambda xi: model(xi, key=key))(x)
+    return cross_entropy(logits, y), None
+
+
+def memory_stats(compiled) -> dict[str, int]:
+    """Arguments + outputs + temporaries - donated (aliased) buffers, in bytes."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return {}
+    fields = ("argument", "output", "temp", "alias")
+    out = {f: int(getattr(stats, f"{f}_size_in_bytes", 0)) for f in fields}
+    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
+
+
+@dataclasses.dataclass
+class Case:
+    """The compiled programs of one model under one rule, ready to call.
+
+    - `grad()`: the gradient of the trained arrays (weights, biases, KP's feedback)
+      of one batch;
+    - `step()`: gradient + Adam update, as in a training loop (parameters and
+      optimiser state donated and carried from call to call);
+    - `epoch()`: a whole epoch, `bfx.train_epoch` (the library's own loop).
+    """
+
+    grad: Callable[[], Any]
+    step: Callable[[], Any]
+    epoch: Callable[[], Any]
+    n_params: int  # trained parameters (what Adam updates)
+    memory: dict[str, dict[str, int]]
+
+
+def build_case(model, x_all, y_all, batch: int, *, epochs: bool = True) -> Case:
+    """Compiles (ahead of time) the gradient, the step and the epoch of `model`,
+    trained as the library recommends: `eqx.partition(model, bfx.trainable(model))`,
+    so fixed feedback is neither differentiated nor handed to Adam."""
+    params, static = eqx.partition(model, bfx.trainable(model))
+    fixed, rest = eqx.partition(static, eqx.is_array)  # arrays travel as arguments
+    optimizer = optax.adam(LR)
+    opt_state = optimizer.init(params)
+
+    def loss(params, fixed, x, y, key):
+        return batch_loss(eqx.combine(params, fixed, rest), x, y, key)[0]
+
+    def gradient(params, fixed, x, y, key):
+        return jax.grad(loss)(params, fixed, x, y, key)
+
+    def step(params, opt_state, fixed, x, y, key):
+        grads = jax.grad(loss)(params, fixed, x, y, key)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return eqx.apply_updates(params, updates), opt_state
+
+    x, y = x_all[:batch], y_all[:batch]
+    key = jax.random.key(1)
+    # optax's bias correction mixes int32 and float: standard promotion, as in
+    # `bfx.train`.
+    with jax.numpy_dtype_promotion("standard"):
+        grad_c = jax.jit(gradient).lower(params, fixed, x, y, key).compile()
+        step_c = (
+            jax.jit(step, donate_argnums=(0, 1))
+            .lower(params, opt_state, fixed, x, y, key)
+            .compile()
+        )
+        epoch_c = None
+        if epochs:
+            epoch_c = bfx.train_epoch.lower(  # pyright: ignore[reportFunctionMemberAccess]
+                params,
+                static,
+                opt_state,
+                x_all,
+                y_all,
+                key,
+                optimizer=optimizer,
+                loss_fn=batch_loss,
+                batch_size=batch,
+            ).compile()
+    holder = [jax.tree_util.tree_map(jnp.copy, (params, opt_state))]
+
+    def carried_step():
+        holder[0] = step_c(*holder[0], fixed, x, y, key)
+        return holder[0]
+
+    def epoch():
+        assert epoch_c is not None, "compiled with epochs=False"
+        return epoch_c(
+            params,
+            static,
+            opt_state,
+            x_all,
+            y_all,
+            key,
+            optimizer=optimizer,
+            loss_fn=batch_loss,
+            batch_size=batch,
+        )
+
+    n_params = sum(a.size for a in jax.tree_util.tree_leaves(params))
+    return Case(
+        grad=lambda: grad_c(params, fixed, x, y, key),
+        step=carried_step,
+        epoch=epoch,
+        n_params=n_params,
+        memory={"grad": memory_stats(grad_c), "step": memory_stats(step_c)},
+    )
+
+
+def peak_matmul(n: int) -> tuple[Callable[[], Any], int]:
+    """A large float32 matmul (this machine's matmul peak) and its FLOPs."""
+    a = jax.random.normal(jax.random.key(2), (n, n), DTYPE)
+    b = jax.random.normal(jax.random.key(3), (n, n), DTYPE)
+    compiled = jax.jit(jnp.matmul).lower(a, b).compile()
+    return (lambda: compiled(a, b)), 2 * n**3
+
+
+def verdict_lines(verdicts: list[tuple[str, str, bool]]) -> list[str]:
+    """The targets as a Markdown table."""
+    out = ["| target | measured | met |", "| --- | --- | --- |"]
+    out += [f"| {w} | {m} | {'yes' if ok else '**no**'} |" for w, m, ok in verdicts]
+    return out

@@ -1,0 +1,198 @@
+"""LeNet-5 (as biotorch benchmarks it) on MNIST-shaped input: the gradient and the
+Adam step of every rule relative to backprop, whole MNIST epochs
+(`bfx.train_epoch`), and the same LeNet in PyTorch with biotorch-style FA layers.
+
+    .venv-bench/bin/python benchmarks/conv.py --out /tmp/conv.md
+
+(`benchmarks/run_all.py` runs it with the other scripts and writes `results.md`.)
+"""
+
+import argparse
+import dataclasses
+import pathlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+
+import bioflax_eqx as bfx
+
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _timing as T  # noqa: E402
+import _torch  # noqa: E402
+
+
+STEP_TARGETS = {"fa": 1.05, "usf": 1.05, "frsf": 1.05, "brsf": 1.15, "dfa": 0.90}
+TORCH_TARGET = 2.0  # JAX epochs at least this much faster (issue 9)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    rules: tuple[str, ...]
+    batch: int
+    repeats: int
+    epoch_repeats: int
+    calls: int
+    data_limit: int | None
+    smoke: bool
+
+
+FULL = Setup(bfx.RULES, 128, 21, 3, 5, None, False)
+SMOKE = Setup(("bp", "fa", "dfa"), 16, 1, 1, 1, 256, True)
+
+
+def lenet(key) -> eqx.nn.Sequential:
+    """LeNet-5 for 1×28×28 inputs, as a plain `eqx.nn.Sequential`: conv 5×5 → 6,
+    ReLU, max-pool 2, conv 5×5 → 16, ReLU, max-pool 2, dense 256 → 120 → 84 → 10."""
+    k = jax.random.split(key, 5)
+    relu = eqx.nn.Lambda(jax.nn.relu)
+    return eqx.nn.Sequential(
+        [
+            eqx.nn.Conv2d(1, 6, 5, dtype=T.DTYPE, key=k[0]),
+            relu,
+            eqx.nn.MaxPool2d(2, 2),
+            eqx.nn.Conv2d(6, 16, 5, dtype=T.DTYPE, key=k[1]),
+            relu,
+            eqx.nn.MaxPool2d(2, 2),
+            eqx.nn.Lambda(lambda h: h.reshape(-1)),
+            eqx.nn.Linear(256, 120, dtype=T.DTYPE, key=k[2]),
+            relu,
+            eqx.nn.Linear(120, 84, dtype=T.DTYPE, key=k[3]),
+            relu,
+            eqx.nn.Linear(84, 10, dtype=T.DTYPE, key=k[4]),
+        ]
+    )
+
+
+def model_for(rule: str):
+    """The same initial weights for every rule; the rule's feedback from key 1."""
+    return bfx.convert(
+        lenet(jax.random.key(0)),
+        rule,
+        key=jax.random.key(1),
+        error_features=10,
+        input_shape=(1, 28, 28),
+    )
+
+
+def run(
+    setup: Setup, data_dir: str | None, use_torch: bool
+) -> tuple[list[str], list[tuple[str, str, bool]]]:
+    """Times everything; returns the report's lines and the targets' verdicts."""
+    x_flat, y_all = T.mnist(data_dir, setup.data_limit)
+    x_all = x_flat.reshape(-1, 1, 28, 28)
+    steps_per_epoch = int(x_all.shape[0]) // setup.batch
+    say = print
+    say("lenet: compiling ...")
+    cases = {
+        rule: T.build_case(model_for(rule), x_all, y_all, setup.batch)
+        for rule in setup.rules
+    }
+    torch_cases: dict[str, _torch.TorchCase] = {}
+    if use_torch:
+        for rule in (r for r in ("bp", "fa") if r in setup.rules):
+            torch_cases[rule] = _torch.lenet_case(rule, x_all, y_all, setup.batch)
+
+    say(f"lenet: timing steps ({setup.repeats} rounds) ...")
+    entries: dict[Any, Callable[[], Any]] = {}
+    for rule, c in cases.items():
+        entries["grad", rule] = c.grad
+        entries["step", rule] = c.step
+    for rule, tc in torch_cases.items():
+        entries["torch step", rule] = tc.step
+    t = T.interleaved(entries, setup.repeats, setup.calls, seed=2)
+    say(f"lenet: timing epochs ({setup.epoch_repeats} rounds) ...")
+    epoch_entries: dict[Any, Callable[[], Any]] = {
+        rule: c.epoch for rule, c in cases.items()
+    }
+    for rule, tc in torch_cases.items():
+        epoch_entries["torch", rule] = tc.epoch
+    te = T.interleaved(epoch_entries, setup.epoch_repeats, 1, seed=3, warm_up=False)
+
+    lines: list[str] = []
+    add = lines.append
+    verdicts: list[tuple[str, str, bool]] = []
+    add(
+        "LeNet-5 as biotorch benchmarks it (conv 5×5 → 6, ReLU, max-pool 2, conv "
+        "5×5 → 16, ReLU, max-pool 2, dense 120, 84, 10), built as a plain "
+        "`eqx.nn.Sequential` and converted with `bfx.convert(model, rule, key=..., "
+        "error_features=10, input_shape=(1, 28, 28))`; input 1×28×28, batch "
+        f"{setup.batch}, float32, `optax.adam({T.LR})` over `eqx.partition(model, "
+        f"bfx.trainable(model))`. Steps: median of {setup.repeats} rounds of "
+        f"{setup.calls} calls; epochs: median of {setup.epoch_repeats} rounds; "
+        "every round in a fresh random order. PyTorch: the same network, eager, "
+        "`torch.optim.Adam`; FA as `torch.autograd.Function`s (linear and conv) "
+        "that send the input cotangent through a fixed random B, as biotorch's "
+        "layers do.\n"
+    )
+    add(
+        "| rule | gradient ×BP | Adam step ×BP | epoch ×BP | step memory ×BP | "
+        "spread of step | PyTorch epoch / JAX epoch |"
+    )
+    add("| --- " * 7 + "|")
+    g_bp, s_bp, e_bp = t["grad", "bp"], t["step", "bp"], te["bp"]
+    mem_bp = cases["bp"].memory["step"]
+    for rule in setup.rules:
+        g, s, e = t["grad", rule], t["step", rule], te[rule]
+        mem = cases[rule].memory["step"]
+        mem_ratio = T.ratio(mem["total"], mem_bp["total"]) if mem else "n/a"
+        torch_e = te.get(("torch", rule))
+        add(
+            f"| {rule} | {T.ratio(g, g_bp)} | {T.ratio(s, s_bp)} | "
+            f"{T.ratio(e, e_bp)} | {mem_ratio} | "
+            f"{100 * t.spread['step', rule]:.0f} % | "
+            f"{T.ratio(torch_e, e) if torch_e else ''} |"
+        )
+        if rule in STEP_TARGETS:
+            lim = STEP_TARGETS[rule]
+            verdicts.append(
+                (
+                    f"{rule} Adam step ≤ {lim}× BP, LeNet",
+                    T.ratio(s, s_bp),
+                    s / s_bp <= lim,
+                )
+            )
+        torch_e = te.get(("torch", rule))
+        if torch_e:
+            verdicts.append(
+                (
+                    f"{rule} LeNet epoch ≥ {TORCH_TARGET}× faster than PyTorch",
+                    T.ratio(torch_e, e),
+                    torch_e / e >= TORCH_TARGET,
+                )
+            )
+    add("")
+    add(
+        f"An epoch: {steps_per_epoch} steps of {setup.batch} through "
+        "`bfx.train_epoch` (one compiled call)."
+    )
+    if torch_cases:
+        add(
+            "PyTorch step / JAX step (one batch): "
+            + ", ".join(
+                f"{rule} {T.ratio(t['torch step', rule], t['step', rule])}"
+                for rule in torch_cases
+            )
+            + "."
+        )
+    add("")
+    return lines, verdicts
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="LeNet-5 benchmarks.")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round")
+    parser.add_argument("--out", type=pathlib.Path, required=True)
+    parser.add_argument("--data-dir", default=None, help="the MNIST IDX folder")
+    parser.add_argument("--no-torch", action="store_true")
+    args = parser.parse_args(argv)
+    setup = SMOKE if args.smoke else FULL
+    lines, verdicts = run(setup, args.data_dir, _torch.available(args.no_torch))
+    args.out.write_text("\n".join(lines + T.verdict_lines(verdicts)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,246 @@
+"""MLPs: the gradient and the Adam step of every rule relative to backprop, whole
+MNIST epochs (`bfx.train_epoch`), and the same MLP in PyTorch.
+
+    .venv-bench/bin/python benchmarks/mlp.py --out /tmp/mlp.md
+
+(`benchmarks/run_all.py` runs it with the other scripts and writes `results.md`.)
+"""
+
+import argparse
+import dataclasses
+import pathlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+import bioflax_eqx as bfx
+
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _timing as T  # noqa: E402
+import _torch  # noqa: E402
+
+
+# The targets of issue 8, as rule: limit on the Adam step (and the gradient).
+STEP_TARGETS = {"fa": 1.05, "usf": 1.05, "frsf": 1.05, "brsf": 1.15}
+DFA_TARGET = 0.90
+KP_GRAD_TARGET = 1.05
+KP_STEP_TARGET = 1.25
+TARGET_DEPTH = 2  # the targets are on 784-1024-1024-10
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    width: int
+    depths: tuple[int, ...]
+    rules: tuple[str, ...]
+    batch: int
+    repeats: int
+    epoch_repeats: int
+    calls: int  # calls per timed sample of a step
+    peak_n: int
+    data_limit: int | None
+    smoke: bool
+
+
+FULL = Setup(1024, (2, 6), bfx.RULES, 128, 21, 3, 3, 2048, None, False)
+SMOKE = Setup(16, (1,), ("bp", "kp", "dfa"), 16, 1, 1, 1, 64, 256, True)
+
+
+def layer_sizes(in_size: int, width: int, depth: int, out_size: int) -> list[int]:
+    return [in_size] + [width] * depth + [out_size]
+
+
+def matmul_flops(rule: str, sizes: Sequence[int], batch: int) -> int:
+    """Matmul FLOPs of one gradient: forward, weight gradients, input cotangents
+    (none for the first layer, whose input is the data; DFA's `B e` is
+    `2·batch·in·outputs` instead)."""
+    pairs = list(zip(sizes[:-1], sizes[1:]))
+    forward = sum(2 * batch * n_in * n_out for n_in, n_out in pairs)
+    if rule == "dfa":
+        cotangent = sum(2 * batch * n_in * sizes[-1] for n_in, _ in pairs[1:])
+    else:
+        cotangent = sum(2 * batch * n_in * n_out for n_in, n_out in pairs[1:])
+    return 2 * forward + cotangent
+
+
+def mlp_name(width: int, depth: int) -> str:
+    hidden = f"{width}" if depth == 1 else f"({width}×{depth})"
+    if depth == 2:
+        hidden = f"{width}-{width}"
+    return f"784-{hidden}-10"
+
+
+def run(
+    setup: Setup, data_dir: str | None, use_torch: bool
+) -> tuple[list[str], list[tuple[str, str, bool]]]:
+    """Times everything; returns the report's lines and the targets' verdicts."""
+    x_all, y_all = T.mnist(data_dir, setup.data_limit)
+    n_in = int(x_all.shape[1])
+    steps_per_epoch = int(x_all.shape[0]) // setup.batch
+    say = print
+    say("mlp: compiling ...")
+    cases: dict[tuple[int, str], T.Case] = {}
+    for depth in setup.depths:
+        for rule in setup.rules:
+            model = bfx.MLP(
+                n_in,
+                10,
+                setup.width,
+                depth,
+                rule=rule,
+                dtype=T.DTYPE,
+                key=jax.random.key(0),
+            )
+            # Epochs of the smaller MLP only: those of the deep one add minutes and
+            # no information the steps do not give.
+            cases[depth, rule] = T.build_case(
+                model, x_all, y_all, setup.batch, epochs=depth == min(setup.depths)
+            )
+    peak_fn, peak_flops = T.peak_matmul(setup.peak_n)
+    torch_cases: dict[str, _torch.TorchCase] = {}
+    if use_torch:
+        for rule in (r for r in ("bp", "fa") if r in setup.rules):
+            torch_cases[rule] = _torch.mlp_case(
+                rule,
+                [n_in, *[setup.width] * min(setup.depths), 10],
+                x_all,
+                y_all,
+                setup.batch,
+            )
+
+    say(f"mlp: timing steps ({setup.repeats} rounds) ...")
+    entries: dict[Any, Callable[[], Any]] = {("peak",): peak_fn}
+    for (depth, rule), c in cases.items():
+        entries["grad", depth, rule] = c.grad
+        entries["step", depth, rule] = c.step
+    for rule, tc in torch_cases.items():
+        entries["torch step", rule] = tc.step
+    t = T.interleaved(entries, setup.repeats, setup.calls, seed=0)
+    say(f"mlp: timing epochs ({setup.epoch_repeats} rounds) ...")
+    epoch_entries: dict[Any, Callable[[], Any]] = {
+        rule: cases[min(setup.depths), rule].epoch for rule in setup.rules
+    }
+    for rule, tc in torch_cases.items():
+        epoch_entries["torch", rule] = tc.epoch
+    # Compiled ahead of time, and an epoch lasts seconds: no warm-up.
+    te = T.interleaved(epoch_entries, setup.epoch_repeats, 1, seed=1, warm_up=False)
+    peak = peak_flops / t["peak",]
+
+    lines: list[str] = []
+    add = lines.append
+    verdicts: list[tuple[str, str, bool]] = []
+    add(
+        f"Batch {setup.batch}, float32, `optax.adam({T.LR})` over "
+        f"`eqx.partition(model, bfx.trainable(model))`, cross-entropy. Steps: median "
+        f"of {setup.repeats} rounds of {setup.calls} calls; epochs: median of "
+        f"{setup.epoch_repeats} rounds; every round in a fresh random order. "
+        f"Matmul peak ({setup.peak_n}² float32 matmul, timed with the steps): "
+        f"{peak / 1e9:.1f} GFLOP/s.\n"
+    )
+    for depth in setup.depths:
+        name = mlp_name(setup.width, depth)
+        g_bp, s_bp = t["grad", depth, "bp"], t["step", depth, "bp"]
+        mem_bp = cases[depth, "bp"].memory["step"]
+        add(f"### MLP {name}\n")
+        add(
+            "| rule | gradient ×BP | Adam step ×BP | step % of matmul peak | "
+            "step memory ×BP | spread (IQR/median) of step |"
+        )
+        add("| --- " * 6 + "|")
+        sizes = layer_sizes(n_in, setup.width, depth, 10)
+        for rule in setup.rules:
+            c = cases[depth, rule]
+            g, s = t["grad", depth, rule], t["step", depth, rule]
+            flops = matmul_flops(rule, sizes, setup.batch)
+            mem = c.memory["step"]
+            mem_ratio = T.ratio(mem["total"], mem_bp["total"]) if mem else "n/a"
+            add(
+                f"| {rule} | {T.ratio(g, g_bp)} | {T.ratio(s, s_bp)} | "
+                f"{100 * flops / s / peak:.0f} % | {mem_ratio} | "
+                f"{100 * t.spread['step', depth, rule]:.0f} % |"
+            )
+            if depth != TARGET_DEPTH and not setup.smoke:
+                continue
+            if rule in STEP_TARGETS:
+                lim = STEP_TARGETS[rule]
+                verdicts.append(
+                    (
+                        f"{rule} Adam step ≤ {lim}× BP, MLP {name}",
+                        T.ratio(s, s_bp),
+                        s / s_bp <= lim,
+                    )
+                )
+            if rule == "dfa":
+                verdicts.append(
+                    (
+                        f"dfa Adam step ≤ {DFA_TARGET}× BP, MLP {name}",
+                        T.ratio(s, s_bp),
+                        s / s_bp <= DFA_TARGET,
+                    )
+                )
+            if rule == "kp":
+                verdicts.append(
+                    (
+                        f"kp gradient ≤ {KP_GRAD_TARGET}× BP, MLP {name}",
+                        T.ratio(g, g_bp),
+                        g / g_bp <= KP_GRAD_TARGET,
+                    )
+                )
+                verdicts.append(
+                    (
+                        f"kp Adam step ≤ {KP_STEP_TARGET}× BP, MLP {name}",
+                        T.ratio(s, s_bp),
+                        s / s_bp <= KP_STEP_TARGET,
+                    )
+                )
+        add("")
+
+    depth = min(setup.depths)
+    name = mlp_name(setup.width, depth)
+    e_bp = te["bp"]
+    add(f"### Whole MNIST epochs, MLP {name}\n")
+    add(
+        f"{steps_per_epoch} steps of {setup.batch}: `bfx.train_epoch` (shuffle on "
+        "device, one `lax.scan` of Adam steps, one compiled call). PyTorch: the "
+        "same MLP, eager, `torch.optim.Adam`, FA as a `torch.autograd.Function` "
+        "with a fixed random B (biotorch's method).\n"
+    )
+    add("| rule | epoch ×BP (JAX) | PyTorch epoch / JAX epoch |")
+    add("| --- | --- | --- |")
+    for rule in setup.rules:
+        e = te[rule]
+        torch_e = te.get(("torch", rule))
+        add(
+            f"| {rule} | {T.ratio(e, e_bp)} | "
+            f"{T.ratio(torch_e, e) if torch_e else ''} |"
+        )
+    add("")
+    if torch_cases:
+        add(
+            "PyTorch step / JAX step (gradient + Adam, one batch): "
+            + ", ".join(
+                f"{rule} {T.ratio(t['torch step', rule], t['step', depth, rule])}"
+                for rule in torch_cases
+            )
+            + ".\n"
+        )
+    return lines, verdicts
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="MLP benchmarks.")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round")
+    parser.add_argument("--out", type=pathlib.Path, required=True)
+    parser.add_argument("--data-dir", default=None, help="the MNIST IDX folder")
+    parser.add_argument("--no-torch", action="store_true")
+    args = parser.parse_args(argv)
+    setup = SMOKE if args.smoke else FULL
+    lines, verdicts = run(setup, args.data_dir, _torch.available(args.no_torch))
+    args.out.write_text("\n".join(lines + T.verdict_lines(verdicts)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,103 @@
+"""Runs every benchmark in one process and writes `benchmarks/results.md`.
+
+From the repository root, with the library and PyTorch in one environment:
+
+    python3 -m venv .venv-bench
+    .venv-bench/bin/pip install -e . torch==2.13.0
+    .venv-bench/bin/python benchmarks/run_all.py
+
+About 15 minutes on 2 cores. The scripts (`mlp.py`: MLPs; `conv.py`: LeNet-5) share
+`_timing.py`: every measurement is interleaved with those it is compared with (a
+fresh random order each round) and reported as a median, and every ratio in the
+report is of two figures measured side by side in this run. Epochs run through the
+library's own `bfx.train_epoch`. Without PyTorch (e.g. `.venv/bin/python
+benchmarks/run_all.py`, or `--no-torch`) the PyTorch comparison is left out.
+`--smoke` runs tiny sizes once, in seconds (the test suite does, so that the
+scripts cannot rot); it needs `--out`, so that it never overwrites the results.
+"""
+
+import argparse
+import datetime
+import pathlib
+import resource
+import sys
+from collections.abc import Sequence
+
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _timing as T  # noqa: E402
+import _torch  # noqa: E402
+import conv  # noqa: E402
+import mlp  # noqa: E402
+
+
+DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results.md"
+
+
+def run(
+    smoke: bool, data_dir: str | None, out: pathlib.Path, use_torch: bool
+) -> list[tuple[str, str, bool]]:
+    """Runs the scripts, writes the report to `out`; returns the targets' verdicts."""
+    started = datetime.datetime.now().astimezone()
+    load_start = T.load()
+    print(f"load average at start: {load_start}")
+    info = {**T.machine(), **(_torch.info() if use_torch else {})}
+    mlp_lines, mlp_verdicts = mlp.run(
+        mlp.SMOKE if smoke else mlp.FULL, data_dir, use_torch
+    )
+    load_mid = T.load()
+    conv_lines, conv_verdicts = conv.run(
+        conv.SMOKE if smoke else conv.FULL, data_dir, use_torch
+    )
+    load_end = T.load()
+    verdicts = mlp_verdicts + conv_verdicts
+
+    mode = " (smoke run: tiny sizes, not a measurement)" if smoke else ""
+    lines = [f"# Benchmarks{mode}\n"]
+    add = lines.append
+    add(
+        "Written by `.venv-bench/bin/python benchmarks/run_all.py` (setup in its "
+        "docstring); every figure below comes from one run of it, and every ratio "
+        "is of two medians measured side by side (interleaved) in that run. The "
+        "machine is shared with other work: the load average shows how much.\n"
+    )
+    add(
+        f"Run: {started:%Y-%m-%d %H:%M %Z}. Load average (1, 5, 15 min): "
+        f"{load_start} at start, {load_mid} after the MLPs, {load_end} at the end.\n"
+    )
+    add("| machine | |\n| --- | --- |")
+    for k, v in info.items():
+        add(f"| {k} | {v} |")
+    add("")
+    add("## MLPs\n")
+    lines += mlp_lines
+    add("## LeNet-5\n")
+    lines += conv_lines
+    add("## Targets\n")
+    lines += T.verdict_lines(verdicts)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    add(f"\nProcess peak RSS over the whole run: {rss:.0f} MiB.\n")
+    text = "\n".join(lines)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    return verdicts
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Every benchmark, one report.")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round")
+    parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument("--data-dir", default=None, help="the MNIST IDX folder")
+    parser.add_argument("--no-torch", action="store_true")
+    args = parser.parse_args(argv)
+    out = args.out
+    if out is None:
+        if args.smoke:
+            parser.error("--smoke needs --out (it must not overwrite results.md)")
+        out = DEFAULT_OUT
+    run(args.smoke, args.data_dir, out, _torch.available(args.no_torch))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,317 @@
+"""The configuration of a training run: every field typed, described and checked on
+construction (the command line's options are generated from the descriptions)."""
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .._rules import RULES
+
+
+DATASETS: tuple[str, ...] = (
+    "mnist",
+    "fashion_mnist",
+    "cifar10",
+    "teacher_student",
+    "sine",
+)
+MODELS: tuple[str, ...] = ("mlp", "lenet", "vgg", "resnet20", "custom")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam", "adamw")
+SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+ACTIVATIONS: dict[str, Callable] = {
+    "relu": jax.nn.relu,
+    "tanh": jnp.tanh,
+    "gelu": jax.nn.gelu,
+    "silu": jax.nn.silu,
+    "sigmoid": jax.nn.sigmoid,
+}
+
+# Training and test examples of the image data sets, and one image's shape.
+IMAGE_SIZES = {
+    "mnist": (60_000, 10_000),
+    "fashion_mnist": (60_000, 10_000),
+    "cifar10": (50_000, 10_000),
+}
+IMAGE_SHAPES = {
+    "mnist": (1, 28, 28),
+    "fashion_mnist": (1, 28, 28),
+    "cifar10": (3, 32, 32),
+}
+# The teacher network of `dataset="teacher_student"`: in, out, width, depth.
+TEACHER = (32, 4, 64, 2)
+
+
+class ConfigError(ValueError):
+    """An invalid [`TrainConfig`][bioflax_eqx.TrainConfig] field; `field` names it."""
+
+    field: str
+    reason: str
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"`{field}` {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def _field(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
+    """A dataclass field with its description (and choices) for the command line."""
+    return dataclasses.field(
+        default=default, metadata={"help": help, "choices": choices}
+    )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(field: str, value: object, least: int) -> None:
+    if not _is_int(value) or value < least:  # pyright: ignore[reportOperatorIssue]
+        raise ConfigError(field, f"must be an integer >= {least}, got {value!r}.")
+
+
+def check_choice(field: str, value: object, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(field, f"must be one of {', '.join(choices)}; got {value!r}.")
+
+
+def field_type(annotation: Any) -> tuple[type, bool]:
+    """The base type of a field (`int`, `float`, `str`, `bool`) and whether `None`
+    is allowed."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) in (
+        typing.Union,
+    ):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0], True
+    return annotation, False
+
+
+def _check_type(field: str, value: object, annotation: Any) -> None:
+    kind, optional = field_type(annotation)
+    if value is None and optional:
+        return
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = _is_int(value)
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        name = kind.__name__ + (" or None" if optional else "")
+        raise ConfigError(
+            field, f"must be of type {name}, got {type(value).__name__} {value!r}."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run; invalid values (of a wrong type too)
+    raise a [`ConfigError`][bioflax_eqx.ConfigError] naming the field on
+    construction, before any work.
+
+    The defaults train a 784-256-256-10 ReLU MLP on MNIST with Adam (learning rate
+    1e-3, batch 64), which passes 90% test accuracy after one epoch with every rule.
+
+    **Fields:**
+
+    - `rule`: one of [`bioflax_eqx.RULES`][]: `bp fa kp wm dfa usf brsf frsf`.
+    - `model`: `mlp` (`depth` hidden layers of `width`, on flat inputs), `lenet`
+        (LeNet-5 as biotorch benchmarks it: conv 5×5 → 6, pool, conv 5×5 → 16,
+        pool, dense 120, 84, out), `vgg` (a small VGG-style net: 3×3 convolutions
+        of 32, 64 and 128 channels, each followed by a 2×2 max pool, then dense
+        256, out), `resnet20` (He et al. 2016's CIFAR ResNet-20, with batch norm),
+        or `custom` (the model passed to [`bioflax_eqx.train`][] as `model=`). The
+        conv models need an image data set and take images `(C, H, W)`.
+    - `dataset`: `mnist`, `fashion_mnist` (IDX files), `cifar10` (the binary
+        distribution; see [`bioflax_eqx.load_dataset`][]), `teacher_student`
+        (regression on a random tanh teacher, 32 inputs, 4 outputs, two hidden
+        layers of 64) or `sine` (regression, `y = sin(x)`).
+    - `data_dir`: the folder holding the data files; `None` uses
+        `$BIOFLAX_EQX_DATA` or the cache (downloading there once).
+    - `limit`: read only the first `limit` training and test examples of an image
+        data set (for quick checks).
+    - `val_size`: training examples held out for validation (chosen by the seed).
+    - `n_train`, `n_test`: examples of the synthetic tasks (`val_size` more are drawn
+        for validation).
+    - `augment`: for `cifar10`, a random crop with 4 pixels of padding and a random
+        horizontal flip of every training image, on device in each step
+        ([`bioflax_eqx.augment_images`][], seeded); ignored for other data sets.
+    - `width`, `depth`: hidden layer size and number of hidden layers (`mlp`).
+    - `activation`: `relu`, `tanh`, `gelu`, `silu` or `sigmoid` (every model).
+    - `optimizer`: `sgd`, `momentum` (SGD with momentum 0.9), `adam` or `adamw`.
+    - `lr`: peak learning rate, > 0.
+    - `schedule`: `constant`, or `cosine` decay to 0 over the run.
+    - `warmup_epochs`: linear warm-up from 0 over this many epochs first.
+    - `weight_decay`: in `[0, 1)`, on weight matrices and Kolen-Pollack's feedback
+        ([`bioflax_eqx.decay_mask`][]), never on biases or fixed feedback. Added to
+        the gradient before the optimiser (L2) for `sgd`, `momentum` and `adam`;
+        decoupled for `adamw`.
+    - `batch_size`: examples per step; the last incomplete batch of each epoch is
+        dropped.
+    - `epochs`: epochs to train, >= 1.
+    - `seed`: the seed every random choice derives from.
+    - `feedback_scale`: scale of the random feedback matrices (see each layer).
+    - `mirror_lr`, `mirror_noise`, `mirror_decay`, `mirror_batch`: the weight
+        mirror's step (rule `wm` only; see [`bioflax_eqx.mirror`][]), run after every
+        optimiser step inside the epoch: learning rate $\\eta_B > 0$, noise scale
+        $\\sigma > 0$, decay $\\lambda_B \\ge 0$ and noise vectors per layer and step.
+        The defaults make `B` track `W` with a time constant of 200 steps.
+    - `metrics_batch`: examples of the fixed batch (the first of the validation
+        split, or of the training split without one) for the alignment metrics.
+    - `out`: the output folder; `None` writes nothing.
+    """
+
+    rule: str = _field("fa", "learning rule", RULES)
+    model: str = _field("mlp", "the network", MODELS)
+    dataset: str = _field("mnist", "the task", DATASETS)
+    data_dir: str | None = _field(None, "folder of the data files")
+    limit: int | None = _field(None, "read only this many train/test images")
+    val_size: int = _field(5000, "training examples held out")
+    n_train: int = _field(20_000, "training examples of synthetic tasks")
+    n_test: int = _field(5000, "test examples of synthetic tasks")
+    augment: bool = _field(True, "random crop and flip of CIFAR-10 images")
+    width: int = _field(256, "hidden layer size (mlp)")
+    depth: int = _field(2, "number of hidden layers (mlp)")
+    activation: str = _field("relu", "hidden activation", tuple(ACTIVATIONS))
+    optimizer: str = _field("adam", "optimiser", OPTIMIZERS)
+    lr: float = _field(1e-3, "peak learning rate")
+    schedule: str = _field("constant", "learning-rate schedule", SCHEDULES)
+    warmup_epochs: int = _field(0, "linear warm-up epochs")
+    weight_decay: float = _field(0.0, "weight decay, in [0, 1)")
+    batch_size: int = _field(64, "examples per step")
+    epochs: int = _field(10, "epochs to train")
+    seed: int = _field(0, "seed of every random choice")
+    feedback_scale: float = _field(1.0, "scale of random feedback")
+    mirror_lr: float = _field(0.005, "weight mirror learning rate (wm)")
+    mirror_noise: float = _field(1.0, "weight mirror noise scale (wm)")
+    mirror_decay: float = _field(1.0, "weight mirror decay of B (wm)")
+    mirror_batch: int = _field(256, "weight mirror noise vectors (wm)")
+    metrics_batch: int = _field(1000, "examples for alignment metrics")
+    out: str | None = _field(None, "output folder")
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), hints[f.name])
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices is not None:
+                check_choice(f.name, getattr(self, f.name), choices)
+        if self.model not in ("mlp", "custom") and self.dataset not in IMAGE_SIZES:
+            raise ConfigError(
+                "model",
+                f"{self.model} is a conv net: it needs an image data set "
+                f"({', '.join(IMAGE_SIZES)}), got {self.dataset!r}.",
+            )
+        if self.limit is not None:
+            _check_int("limit", self.limit, 1)
+            if self.dataset not in IMAGE_SIZES:
+                raise ConfigError(
+                    "limit",
+                    f"applies to {', '.join(IMAGE_SIZES)} only; use n_train.",
+                )
+        for field, least in [
+            ("val_size", 0),
+            ("n_train", 1),
+            ("n_test", 1),
+            ("width", 1),
+            ("depth", 0),
+            ("warmup_epochs", 0),
+            ("batch_size", 1),
+            ("epochs", 1),
+            ("seed", 0),
+            ("metrics_batch", 1),
+            ("mirror_batch", 1),
+        ]:
+            _check_int(field, getattr(self, field), least)
+        for field in ("lr", "mirror_lr", "mirror_noise", "feedback_scale"):
+            value = getattr(self, field)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(field, f"must be a positive number, got {value!r}.")
+        if not (math.isfinite(self.mirror_decay) and self.mirror_decay >= 0):
+            raise ConfigError(
+                "mirror_decay",
+                f"must be a non-negative number, got {self.mirror_decay!r}.",
+            )
+        if not 0 <= self.weight_decay < 1:
+            raise ConfigError(
+                "weight_decay", f"must be in [0, 1), got {self.weight_decay!r}."
+            )
+        if self.schedule == "cosine" and self.warmup_epochs >= self.epochs:
+            raise ConfigError(
+                "warmup_epochs",
+                f"must be less than epochs ({self.epochs}) for a cosine schedule, "
+                f"got {self.warmup_epochs}.",
+            )
+        if self.dataset in IMAGE_SIZES:
+            available = IMAGE_SIZES[self.dataset][0]
+            if self.limit is not None:
+                available = min(available, self.limit)
+            if self.val_size >= available:
+                raise ConfigError(
+                    "val_size",
+                    f"must be less than the {available} training examples, got "
+                    f"{self.val_size}.",
+                )
+        n_train = self.split_sizes[0]
+        if self.batch_size > n_train:
+            raise ConfigError(
+                "batch_size",
+                f"must be at most the {n_train} training examples, got "
+                f"{self.batch_size}.",
+            )
+
+    @property
+    def split_sizes(self) -> tuple[int, int, int]:
+        """Examples in the training, validation and test splits."""
+        if self.dataset in IMAGE_SIZES:
+            n_train, n_test = IMAGE_SIZES[self.dataset]
+            if self.limit is not None:
+                n_train, n_test = min(n_train, self.limit), min(n_test, self.limit)
+            return n_train - self.val_size, self.val_size, n_test
+        return self.n_train, self.val_size, self.n_test
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.split_sizes[0] // self.batch_size
+
+    @property
+    def classification(self) -> bool:
+        """Whether the task is classification (else regression)."""
+        return self.dataset in IMAGE_SIZES
+
+    @property
+    def augments(self) -> bool:
+        """Whether training images are augmented (`augment` on, CIFAR-10)."""
+        return self.augment and self.dataset == "cifar10"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> "TrainConfig":
+        """The inverse of `to_dict`; unknown fields raise a `ConfigError`. Fields
+        missing (from a checkpoint of an older version) take their defaults."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        for name in fields:
+            if name not in known:
+                raise ConfigError(name, "is not a TrainConfig field.")
+        return cls(**fields)
+
+
+def io_shapes(config: TrainConfig) -> tuple[tuple[int, ...], int]:
+    """One example's input shape as stored (flat) and the output size, known
+    without loading the data."""
+    if config.dataset in IMAGE_SIZES:
+        return (math.prod(IMAGE_SHAPES[config.dataset]),), 10
+    if config.dataset == "teacher_student":
+        return (TEACHER[0],), TEACHER[1]
+    return (1,), 1
