@@ -239,7 +239,7 @@ def layer_deltas(
     loss_fn: LossFn,
     *,
     key: PRNGKeyArray | None = None,
-) -> list[Float[Array, "batch _"]]:
+) -> list[Float[Array, "batch ..."]]:
     """The error signal $\\delta$ each linear layer receives under the model's rule,
     per example.
 

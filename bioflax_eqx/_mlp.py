@@ -7,7 +7,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._dfa import DFA, close_error_channel, open_error_channel
 from ._misc import check_positive
-from ._rules import WRAPPERS, check_rule
+from ._rules import WRAPPERS, check_rule, check_vector_input
 
 
 def _identity(x):
@@ -147,15 +147,7 @@ class MLP(eqx.Module):
 
         The output, shape `(out_size,)`.
         """
-        if x.shape != (self.in_size,):
-            hint = (
-                " Layers take one example; batch with `jax.vmap`."
-                if x.ndim == 2 and x.shape[-1] == self.in_size
-                else ""
-            )
-            raise ValueError(
-                f"MLP expects an input of shape ({self.in_size},), got {x.shape}.{hint}"
-            )
+        check_vector_input(x, self.in_size, "MLP")
         dfa = any(isinstance(layer, DFA) for layer in self.layers)
         channel = open_error_channel(x, self.out_size) if dfa else None
         keys = (

@@ -64,21 +64,23 @@ def check_feedback(name: str, feedback: Array | None, weight: Array) -> None:
         )
 
 
-def check_linear_input(layer: object, x: Array, name: str) -> None:
+def check_vector_input(x: Array, size: int, name: str) -> None:
     """A clear error for the most common mistake: a batch passed to a per-example
-    dense layer (shapes are static, so this costs nothing after tracing)."""
-    if not isinstance(layer, eqx.nn.Linear) or layer.in_features == "scalar":
-        return
-    if x.shape != (layer.in_features,):
+    dense layer or MLP (shapes are static, so this costs nothing after tracing)."""
+    if x.shape != (size,):
         hint = (
             " Layers take one example; batch with `jax.vmap`."
-            if x.ndim == 2 and x.shape[-1] == layer.in_features
+            if x.ndim == 2 and x.shape[-1] == size
             else ""
         )
         raise ValueError(
-            f"{name} expects an input of shape ({layer.in_features},), got "
-            f"{x.shape}.{hint}"
+            f"{name} expects an input of shape ({size},), got {x.shape}.{hint}"
         )
+
+
+def check_linear_input(layer: object, x: Array, name: str) -> None:
+    if isinstance(layer, eqx.nn.Linear) and layer.in_features != "scalar":
+        check_vector_input(x, layer.in_features, name)
 
 
 def fixed(tree: PyTree) -> PyTree:
@@ -177,10 +179,18 @@ class AbstractRule(AbstractFeedback):
         return reroute(output, x, fixed(with_weight(self.layer, feedback)))
 
 
-def _draw(weight: Array, scale: float, key: PRNGKeyArray) -> Array:
-    """A fresh draw from `U(-s/√fan_in, s/√fan_in)`: the distribution of Equinox's
-    default initialisation of the weight, times `s = feedback_scale`."""
+def _draw(layer: eqx.Module, name: str, scale: float, key: PRNGKeyArray) -> Array:
+    """Checks `layer`, then draws from `U(-s/√fan_in, s/√fan_in)`: the distribution
+    of Equinox's default initialisation of its weight, times `s = feedback_scale`."""
+    check_layer(layer, name)
+    check_scale("feedback_scale", scale)
+    weight = layer.weight  # pyright: ignore[reportAttributeAccessIssue]
     return uniform(key, weight.shape, scale / math.sqrt(fan_in(weight)), weight.dtype)
+
+
+def _check_drawn(rule: AbstractRule, name: str, field: str) -> None:
+    check_layer(rule.layer, name)
+    check_feedback(field, getattr(rule, field), rule.weight)
 
 
 class FA(AbstractRule):
@@ -214,14 +224,11 @@ class FA(AbstractRule):
             of the weight, `fan_in` = the size of every weight axis but the first).
         - `key`: a `jax.random.PRNGKey` for `B`.
         """
-        check_layer(layer, "FA")
-        check_scale("feedback_scale", feedback_scale)
+        self.feedback = _draw(layer, "FA", feedback_scale, key)
         self.layer = layer
-        self.feedback = _draw(self.weight, feedback_scale, key)
 
     def __check_init__(self):
-        check_layer(self.layer, "FA")
-        check_feedback("feedback", self.feedback, self.weight)
+        _check_drawn(self, "FA", "feedback")
 
     def feedback_weight(
         self, *, key: PRNGKeyArray | None = None
@@ -252,14 +259,11 @@ class KP(AbstractRule):
         self, layer: eqx.Module, *, feedback_scale: float = 1.0, key: PRNGKeyArray
     ):
         """**Arguments:** as [`bioflax_eqx.FA`][]."""
-        check_layer(layer, "KP")
-        check_scale("feedback_scale", feedback_scale)
+        self.feedback = _draw(layer, "KP", feedback_scale, key)
         self.layer = layer
-        self.feedback = _draw(self.weight, feedback_scale, key)
 
     def __check_init__(self):
-        check_layer(self.layer, "KP")
-        check_feedback("feedback", self.feedback, self.weight)
+        _check_drawn(self, "KP", "feedback")
 
     def feedback_weight(
         self, *, key: PRNGKeyArray | None = None
@@ -335,14 +339,11 @@ class FRSF(AbstractRule):
     ):
         """**Arguments:** as [`bioflax_eqx.FA`][]; `magnitude` is drawn as FA's
         `feedback`."""
-        check_layer(layer, "FRSF")
-        check_scale("feedback_scale", feedback_scale)
+        self.magnitude = _draw(layer, "FRSF", feedback_scale, key)
         self.layer = layer
-        self.magnitude = _draw(self.weight, feedback_scale, key)
 
     def __check_init__(self):
-        check_layer(self.layer, "FRSF")
-        check_feedback("magnitude", self.magnitude, self.weight)
+        _check_drawn(self, "FRSF", "magnitude")
 
     @property
     def feedback(self) -> Float[Array, "..."]:
@@ -440,14 +441,11 @@ class WM(AbstractRule):
         self, layer: eqx.Module, *, feedback_scale: float = 1.0, key: PRNGKeyArray
     ):
         """**Arguments:** as [`bioflax_eqx.FA`][]: `B` starts as FA's random draw."""
-        check_layer(layer, "WM")
-        check_scale("feedback_scale", feedback_scale)
+        self.feedback = _draw(layer, "WM", feedback_scale, key)
         self.layer = layer
-        self.feedback = _draw(self.weight, feedback_scale, key)
 
     def __check_init__(self):
-        check_layer(self.layer, "WM")
-        check_feedback("feedback", self.feedback, self.weight)
+        _check_drawn(self, "WM", "feedback")
 
     def feedback_weight(
         self, *, key: PRNGKeyArray | None = None

@@ -3,6 +3,7 @@ orthogonal directions, feedback equal to Wᵀ, backprop against itself, the expe
 angles of sign symmetry, and every rule's δ against a NumPy reference."""
 
 import math
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -240,3 +241,76 @@ def test_metrics_of_any_equinox_model(getkey):
     assert float(metrics["grad_angle/1"]) == pytest.approx(0.0, abs=1e-6)
     assert 0.0 < float(metrics["grad_angle/0"]) < 180.0
     assert {"weight_angle/0", "weight_angle/1", "delta_angle/global"} <= set(metrics)
+
+
+def _conv_net(getkey):
+    return eqx.nn.Sequential(
+        [
+            eqx.nn.Conv2d(2, 3, 3, padding=1, key=getkey()),
+            eqx.nn.Lambda(jnp.tanh),
+            eqx.nn.Conv2d(3, 4, 3, stride=2, key=getkey()),
+            eqx.nn.Lambda(jnp.tanh),
+            eqx.nn.Lambda(jnp.ravel),
+            eqx.nn.Linear(4 * 3 * 3, 5, key=getkey()),
+        ]
+    )
+
+
+def _squared(y, t):
+    return 0.5 * jnp.sum((y - t) ** 2)
+
+
+def test_metrics_of_a_conv_net(getkey):
+    net = _conv_net(getkey)
+    x = jax.random.normal(getkey(), (6, 2, 8, 8))
+    t = jax.random.normal(getkey(), (6, 5))
+    fa = bfx.convert(net, "fa", key=getkey())
+    # Weight angles: between the flattened kernel and its feedback kernel.
+    angles = bfx.weight_alignment(fa)
+    layers: list[Any] = [fa[0], fa[2], fa[5]]
+    for i, layer in enumerate(layers):
+        assert isinstance(layer, bfx.FA)
+        w = np.ravel(np.asarray(layer.weight))
+        b = np.ravel(np.asarray(layer.feedback))
+        cos = w @ b / (np.linalg.norm(w) * np.linalg.norm(b))
+        assert float(angles[f"weight_angle/{i}"]) == pytest.approx(
+            np.degrees(np.arccos(cos)), abs=1e-8
+        )
+    # δ of every layer has the shape of its output, per example.
+    deltas = bfx.layer_deltas(fa, x, t, _squared)
+    assert [d.shape for d in deltas] == [(6, 3, 8, 8), (6, 4, 3, 3), (6, 5)]
+    metrics = bfx.alignment_metrics(fa, x, t, _squared)
+    assert float(metrics["delta_angle/2"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(metrics["grad_angle/2"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(metrics["delta_angle/0"]) > 1.0  # random feedback: not backprop
+    # With B = W, feedback alignment is backprop: every angle is 0.
+    tied = jax.tree_util.tree_map(
+        lambda m: (
+            eqx.tree_at(lambda f: f.feedback, m, m.weight)
+            if isinstance(m, bfx.FA)
+            else m
+        ),
+        fa,
+        is_leaf=lambda m: isinstance(m, bfx.FA),
+    )
+    tied_metrics = bfx.alignment_metrics(tied, x, t, _squared)
+    for name, value in tied_metrics.items():
+        if name.startswith(("delta_angle", "grad_angle", "weight_angle")):
+            assert float(value) == pytest.approx(0.0, abs=1e-5), name
+
+
+def test_backprop_deltas_of_a_conv_net_are_its_output_cotangents(getkey):
+    net = _conv_net(getkey)
+    x = jax.random.normal(getkey(), (3, 2, 8, 8))
+    t = jax.random.normal(getkey(), (3, 5))
+    deltas = bfx.layer_deltas(net, x, t, _squared)
+
+    # Reference: the cotangent at the first conv's output, by hand.
+    def from_first(a, xi, ti):
+        rest = eqx.nn.Sequential(list(net.layers[1:]))
+        return _squared(rest(a), ti)
+
+    for n in range(3):
+        a = net.layers[0](x[n])
+        expected = jax.grad(from_first)(a, x[n], t[n])
+        np.testing.assert_allclose(deltas[0][n], expected, rtol=1e-10, atol=1e-12)

@@ -1,5 +1,6 @@
 """`bfx.train`: validation before any work, bit-identical resume, no retracing,
-divergence, checkpoint errors, Kolen-Pollack alignment under weight decay.
+divergence, checkpoint errors, Kolen-Pollack alignment under weight decay; the conv
+nets, a model of one's own with batch norm, CIFAR-10 with augmentation.
 
 The MNIST runs share one small configuration (and so their compiled programs)."""
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 import bioflax_eqx as bfx
-from bioflax_eqx.training import _checkpoint, _run as _train
+from bioflax_eqx.training import _checkpoint, _config, _models, _run as _train
 
 from .helpers import layers_of, tree_allclose
 
@@ -59,7 +60,9 @@ def _lines(path):
         (dict(width=0), "width"),
         (dict(depth=-1), "depth"),
         (dict(rule="backprop"), "rule"),
-        (dict(dataset="cifar10"), "dataset"),
+        (dict(dataset="imagenet"), "dataset"),
+        (dict(model="resnet50"), "model"),
+        (dict(model="lenet", dataset="sine", limit=None), "model"),
         (dict(optimizer="lion"), "optimizer"),
         (dict(activation="softplus"), "activation"),
         (dict(schedule="step"), "schedule"),
@@ -229,11 +232,12 @@ def test_nan_keeps_the_last_good_checkpoint(tmp_path, mnist_dir, monkeypatch):
     calls = []
 
     def nan_in_epoch_2(*args):
-        params, opt_state, loss, acc, finite = real(*args)
+        params, state, opt_state, loss, acc, finite = real(*args)
         calls.append(None)
         if len(calls) == 2:
-            return params, opt_state, jnp.float32(jnp.nan), acc, jnp.array(False)
-        return params, opt_state, loss, acc, finite
+            nan = jnp.float32(jnp.nan)
+            return params, state, opt_state, nan, acc, jnp.array(False)
+        return params, state, opt_state, loss, acc, finite
 
     monkeypatch.setattr(_train, "_train_epoch", nan_in_epoch_2)
     config = small(tmp_path, mnist_dir, epochs=3)
@@ -244,12 +248,16 @@ def test_nan_keeps_the_last_good_checkpoint(tmp_path, mnist_dir, monkeypatch):
     assert bfx.load_run(tmp_path).history[-1]["epoch"] == 1
 
 
-def _build(config: bfx.TrainConfig, seed: int = 0) -> bfx.MLP:
-    """The initial model of a run; under train's dtype promotion, so that the
-    operations compiled for the runs of the other tests are reused."""
+def _build_with_state(config: bfx.TrainConfig, seed: int = 0) -> tuple[Any, Any]:
+    """The initial model and state of a run; under train's dtype promotion, so that
+    the operations compiled for the runs of the other tests are reused."""
     with jax.numpy_dtype_promotion("standard"):
         key = jax.random.split(jax.random.key(seed), 4)[1]  # as train derives it
         return _train._build_model(config, key)
+
+
+def _build(config: bfx.TrainConfig, seed: int = 0) -> Any:
+    return _build_with_state(config, seed)[0]
 
 
 def test_every_rule_starts_from_the_same_weights():
@@ -422,3 +430,300 @@ def test_no_output_folder_writes_nothing(tmp_path, mnist_dir, monkeypatch):
     assert result.summary["epochs"] == 1
     with pytest.raises(bfx.ConfigError, match="`out`"):
         bfx.train(config, resume=True)
+
+
+# ------------------------------------------------------------- types of the fields
+
+
+def _wrongly_typed(annotation) -> list[Any]:
+    """Values of the wrong type for a field of this annotation."""
+    kind, _ = _config.field_type(annotation)
+    return {
+        int: ["3", 2.0, True],
+        float: ["0.1", True, None],
+        str: [3, None, b"fa"],
+        bool: [1, "yes", None],
+    }[kind]
+
+
+_HINTS = {f.name: f.type for f in dataclasses.fields(bfx.TrainConfig)}
+_WRONG = [
+    (f.name, value)
+    for f in dataclasses.fields(bfx.TrainConfig)
+    for value in _wrongly_typed(_HINTS[f.name])
+    # `None` is a valid value of the optional fields.
+    if not (value is None and _config.field_type(_HINTS[f.name])[1])
+]
+
+
+def test_every_field_is_type_checked():
+    assert {name for name, _ in _WRONG} == {
+        f.name for f in dataclasses.fields(bfx.TrainConfig)
+    }
+
+
+@pytest.mark.parametrize("field, value", _WRONG)
+def test_a_wrongly_typed_field_raises_the_config_error_naming_it(field, value):
+    with pytest.raises(bfx.ConfigError, match=f"`{field}` must be of type") as info:
+        bfx.TrainConfig(**{field: value})
+    assert info.value.field == field
+
+
+def test_lr_as_a_string_names_the_field():
+    with pytest.raises(bfx.ConfigError, match="`lr` must be of type float") as info:
+        bfx.TrainConfig(lr="0.1")  # pyright: ignore[reportArgumentType]
+    assert info.value.field == "lr"
+    # Integers are numbers: accepted where floats are.
+    assert bfx.TrainConfig(lr=1).lr == 1
+
+
+# ------------------------------------------------------------------ the conv nets
+
+
+def _params(tree) -> int:
+    return sum(
+        x.size for x in jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_array))
+    )
+
+
+def _plain(model):
+    return bfx.convert(model, "bp")
+
+
+def _conv(model: str, rule: str, dataset: str = "mnist", **changes) -> bfx.TrainConfig:
+    fields = {**SMALL, "model": model, "rule": rule, "dataset": dataset, **changes}
+    return bfx.TrainConfig(**fields)
+
+
+def test_lenet_is_biotorchs():
+    model, state = _build_with_state(_conv("lenet", "bp"))
+    assert state is None and isinstance(model, eqx.nn.Sequential)
+    convs = [x for x in model.layers if isinstance(x, eqx.nn.Conv2d)]
+    denses = [x for x in model.layers if isinstance(x, eqx.nn.Linear)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (1, 6, (5, 5)),
+        (6, 16, (5, 5)),
+    ]
+    assert convs[0].padding == ((2, 2), (2, 2))  # 28×28 images
+    assert [(d.in_features, d.out_features) for d in denses] == [
+        (400, 120),
+        (120, 84),
+        (84, 10),
+    ]
+    assert _params(model) == 61_706
+    # CIFAR-10: no padding, and the same 5×5×16 features.
+    cifar = _models.lenet((3, 32, 32), 10, jax.nn.relu, key=jax.random.key(0))
+    assert cifar.layers[0].padding == ((0, 0), (0, 0))
+    assert cifar.layers[7].in_features == 400
+
+
+def test_resnet20_has_he_et_als_size_and_one_dfa_point_per_block():
+    config = _conv("resnet20", "bp")
+    model, state = _build_with_state(config)
+    assert isinstance(state, eqx.nn.State)
+    # The paper's 0.27M parameters (option A shortcuts, no conv biases).
+    weights = eqx.filter(model, eqx.is_inexact_array)
+    assert _params(weights) == 269_722 - 2 * 16 * 3 * 3  # one input channel, not 3
+    blocks = [x for x in model.layers if isinstance(x, _models.ResidualBlock)]
+    assert len(blocks) == 9
+    assert len(bfx.convert(model, "fa", key=jax.random.key(0)).layers) == 14
+    dfa, state = _build_with_state(_conv("resnet20", "dfa"))
+    assert isinstance(dfa, bfx.Sequential)
+    points = [x for x in dfa.layers if isinstance(x, bfx.DFA)]
+    # The stem conv, every block, the output layer: one feedback point each.
+    assert len(points) == 11
+    assert sum(isinstance(p.layer, _models.ResidualBlock) for p in points) == 9
+    # Batch norms stay on backprop, outside any wrapper.
+    assert isinstance(dfa.layers[1], eqx.nn.BatchNorm)
+
+    # A batch through the DFA net, in training and in inference mode.
+    x = jnp.ones((3, 1, 28, 28), jnp.float32)
+
+    def forward(model, state):
+        return jax.vmap(
+            lambda xi, s: model(xi, s),
+            axis_name=_models.BATCH_AXIS,
+            in_axes=(0, None),
+            out_axes=(0, None),
+        )(x, state)
+
+    # Op by op: compiling ResNet-20 takes longer than running it on three images.
+    with jax.numpy_dtype_promotion("standard"):
+        y, new_state = forward(dfa, state)
+        y_eval, _ = forward(eqx.nn.inference_mode(dfa), new_state)
+    assert y.shape == y_eval.shape == (3, 10)
+    assert not eqx.tree_equal(state, new_state)  # the running statistics moved
+
+
+def test_resnet20_counts_cifar_parameters():
+    model = _models.resnet20((3, 32, 32), 10, jax.nn.relu, key=jax.random.key(0))
+    model, _ = eqx.nn.make_with_state(lambda: model)()
+    assert _params(eqx.filter(model, eqx.is_inexact_array)) == 269_722
+
+
+@pytest.mark.parametrize("model", ["lenet", "vgg", "resnet20"])
+def test_every_rule_of_a_conv_net_starts_from_the_same_weights(model):
+    plain = _plain(_build(_conv(model, "bp")))
+    for rule in ("fa", "usf", "dfa"):
+        converted = _build(_conv(model, rule))
+        # Leaves in the same order (DFA's container is a bfx.Sequential).
+        leaves = jax.tree_util.tree_leaves(eqx.filter(_plain(converted), eqx.is_array))
+        assert eqx.tree_equal(
+            leaves, jax.tree_util.tree_leaves(eqx.filter(plain, eqx.is_array))
+        ), (model, rule)
+
+
+def test_lenet_trains_resumes_bit_identically_and_mirrors(tmp_path, mnist_dir):
+    # WM: the mirror runs inside the epoch's scan for conv layers too.
+    config = small(tmp_path / "whole", mnist_dir, model="lenet", rule="wm", epochs=2)
+    whole = bfx.train(config, quiet=True)
+    parts = dataclasses.replace(config, out=str(tmp_path / "parts"), epochs=1)
+    bfx.train(parts, quiet=True)
+    resumed = bfx.train(dataclasses.replace(parts, epochs=2), resume=True, quiet=True)
+    assert (
+        _checkpoint.read_header(tmp_path / "whole")[1]
+        == _checkpoint.read_header(tmp_path / "parts")[1]
+    )
+    assert _without_times(whole.history) == _without_times(resumed.history)
+    initial = _build(config)
+    before = [x for x in initial.layers if isinstance(x, bfx.WM)]
+    after = [x for x in whole.model.layers if isinstance(x, bfx.WM)]
+    assert len(after) == 5
+    for a, b in zip(before, after):
+        assert not tree_allclose(a.feedback, b.feedback)  # the mirror moved B
+    assert set(whole.history[-1]) >= {f"weight_angle/{i}" for i in range(5)}
+    # Alignment improves: the mirror pulls B towards W.
+    first = bfx.weight_alignment(initial)
+    final = whole.history[-1]
+    assert final["weight_angle/0"] < float(first["weight_angle/0"])
+
+
+# --------------------------------------------------------- a model of one's own
+
+
+def _own_net(key, rule: str):
+    """A small conv net with batch norm (over the trainer's axis "batch")."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    net = eqx.nn.Sequential(
+        [
+            eqx.nn.Conv2d(1, 4, 3, stride=2, dtype=jnp.float32, key=k1),
+            eqx.nn.BatchNorm(4, axis_name="batch", mode="batch", dtype=jnp.float32),
+            eqx.nn.Lambda(jax.nn.relu),
+            eqx.nn.Lambda(jnp.ravel),
+            eqx.nn.Linear(4 * 13 * 13, 10, dtype=jnp.float32, key=k2),
+        ]
+    )
+    return bfx.convert(net, rule, key=k3, error_features=10, input_shape=(1, 28, 28))
+
+
+def test_a_model_of_ones_own_with_batch_norm_trains_and_resumes(tmp_path, mnist_dir):
+    net = _own_net(jax.random.key(1), "fa")
+    config = small(tmp_path / "whole", mnist_dir, model="custom", epochs=3)
+    before = collections.Counter(_train.TRACE_COUNTS)
+    whole = bfx.train(config, model=net, quiet=True)
+    traced = _train.TRACE_COUNTS - before
+    assert all(count == 1 for count in traced.values())
+    assert isinstance(whole.state, eqx.nn.State)
+    # Trained, feedback untouched, running statistics updated.
+    assert not tree_allclose(whole.model.layers[0].weight, net.layers[0].weight)
+    np.testing.assert_array_equal(
+        whole.model.layers[4].feedback, net.layers[4].feedback
+    )
+    assert 0.3 < whole.history[-1]["test_acc"] <= 1.0
+    assert set(whole.history[-1]) >= {"grad_angle/0", "grad_angle/1", "delta_angle/0"}
+
+    def kill_after_epoch_1(record):
+        if record["epoch"] == 1:
+            raise _Killed
+
+    parts = dataclasses.replace(config, out=str(tmp_path / "parts"))
+    with pytest.raises(_Killed):
+        bfx.train(parts, model=net, quiet=True, callback=kill_after_epoch_1)
+    resumed = bfx.train(parts, model=net, resume=True, quiet=True)
+    assert _train.TRACE_COUNTS - before == traced  # no recompilation
+    # Parameters, batch-norm state, optimiser state and RNG: the same bytes.
+    assert (
+        _checkpoint.read_header(tmp_path / "whole")[1]
+        == _checkpoint.read_header(tmp_path / "parts")[1]
+    )
+    assert eqx.tree_equal(whole.state, resumed.state)
+    assert _without_times(whole.history) == _without_times(resumed.history)
+    loaded = bfx.load_run(tmp_path / "parts", model=net)
+    assert eqx.tree_equal(loaded.model, resumed.model)
+    assert eqx.tree_equal(loaded.state, resumed.state)
+
+
+def test_a_model_of_ones_own_must_match_the_rule(tmp_path, mnist_dir):
+    net = _own_net(jax.random.key(1), "kp")
+    config = small(tmp_path / "run", mnist_dir, model="custom", epochs=1)
+    with pytest.raises(bfx.ConfigError, match="`rule` is 'fa', but .* with 'kp'"):
+        bfx.train(config, model=net, quiet=True)
+    with pytest.raises(bfx.ConfigError, match="`model` 'custom' trains a model"):
+        bfx.train(config, quiet=True)
+    with pytest.raises(bfx.ConfigError, match="`model` must be 'custom'"):
+        bfx.train(dataclasses.replace(config, model="mlp"), model=net, quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------ CIFAR-10
+
+
+@pytest.fixture
+def cifar_dir(tmp_path):
+    from .test_cifar import FOLDER, _write_folder
+
+    _write_folder(tmp_path / "cifar" / FOLDER)
+    return tmp_path / "cifar"
+
+
+def _cifar(tmp_path, cifar_dir, **changes) -> bfx.TrainConfig:
+    # 17 training images (3 held out), 6 test images.
+    fields = dict(
+        model="lenet",
+        dataset="cifar10",
+        data_dir=str(cifar_dir),
+        val_size=3,
+        batch_size=7,
+        metrics_batch=3,
+        epochs=1,
+        out=str(tmp_path),
+    )
+    return bfx.TrainConfig(**{**fields, **changes})
+
+
+def test_cifar10_trains_with_seeded_augmentation(tmp_path, cifar_dir):
+    runs = {
+        name: bfx.train(_cifar(tmp_path / name, cifar_dir, **changes), quiet=True)
+        for name, changes in [
+            ("a", {}),
+            ("b", {}),
+            ("plain", dict(augment=False)),
+        ]
+    }
+    assert _without_times(runs["a"].history) == _without_times(runs["b"].history)
+    assert eqx.tree_equal(runs["a"].model, runs["b"].model)  # a pure function
+    assert not eqx.tree_equal(runs["a"].model, runs["plain"].model)
+    assert runs["a"].history[-1]["test_acc"] is not None
+
+
+def test_the_step_augments_exactly_as_augment_images(tmp_path, cifar_dir):
+    config = _cifar(tmp_path, cifar_dir, rule="bp")
+    model, state = _build_with_state(config)
+    setup = _train._setup(config, model, state)
+    x = jax.random.normal(jax.random.key(3), (4, 3072), jnp.float32)
+    y = jnp.arange(4, dtype=jnp.int32)
+    key = jax.random.key(4)
+    with jax.numpy_dtype_promotion("standard"):
+        loss, _ = _train._step_loss(setup)(model, None, x, y, key)
+        augment_key, model_key = jax.random.split(key)
+        images = bfx.augment_images(augment_key, x, (3, 32, 32))
+        assert not tree_allclose(images, x)
+        logits = jax.vmap(lambda xi: model(xi.reshape(3, 32, 32), key=model_key))(
+            images
+        )
+        expected = jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[jnp.arange(4), y])
+        plain = dataclasses.replace(config, augment=False)
+        plain_setup = _train._setup(plain, model, state)
+        unaugmented, _ = _train._step_loss(plain_setup)(model, None, x, y, key)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    assert not np.isclose(loss, unaugmented)

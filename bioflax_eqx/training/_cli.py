@@ -5,7 +5,6 @@ import dataclasses
 import json
 import pathlib
 import sys
-import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,9 +51,8 @@ def _options() -> list[tuple[str, dataclasses.Field]]:
 
 def _add_run_options(parser: argparse.ArgumentParser, default_out: str) -> None:
     # Options default to "not given" so that --resume can tell what was asked for.
-    hints = typing.get_type_hints(TrainConfig)
     for flag, field in _options():
-        kind, _ = field_type(hints[field.name])
+        kind, _ = field_type(field.type)
         parser.add_argument(
             flag,
             dest=field.name,

@@ -110,6 +110,9 @@ def _check_type(field: str, value: object, annotation: Any) -> None:
         )
 
 
+# Not instrumented by jaxtyping's import hook (the tests run under it): the fields'
+# types are checked by `__post_init__`, which names the field in a `ConfigError`.
+@typing.no_type_check
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a training run; invalid values (of a wrong type too)
@@ -197,9 +200,8 @@ class TrainConfig:
     out: str | None = _field(None, "output folder")
 
     def __post_init__(self):
-        hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), hints[f.name])
+            _check_type(f.name, getattr(self, f.name), f.type)
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices is not None:

@@ -124,6 +124,29 @@ def _features_size(features: eqx.nn.Sequential, image_shape: tuple[int, ...]) ->
     return math.prod(jax.eval_shape(features, x).shape)
 
 
+def _conv3x3(
+    in_channels: int, out_channels: int, stride: int, *, key: PRNGKeyArray
+) -> eqx.nn.Conv2d:
+    # No bias: the batch norm after it has one.
+    return eqx.nn.Conv2d(
+        in_channels,
+        out_channels,
+        3,
+        stride=stride,
+        padding=1,
+        use_bias=False,
+        dtype=jnp.float32,
+        key=key,
+    )
+
+
+def _batch_norm(channels: int) -> eqx.nn.BatchNorm:
+    # PyTorch's momentum of 0.1 for the running statistics.
+    return eqx.nn.BatchNorm(
+        channels, axis_name=BATCH_AXIS, mode="batch", momentum=0.9, dtype=jnp.float32
+    )
+
+
 class ResidualBlock(eqx.nn.StatefulLayer):
     """He et al.'s basic block: conv 3×3, batch norm, activation, conv 3×3, batch
     norm, plus the shortcut, then the activation. The shortcut is option A of the
@@ -150,15 +173,10 @@ class ResidualBlock(eqx.nn.StatefulLayer):
         key: PRNGKeyArray,
     ):
         key1, key2 = jax.random.split(key)
-        f32 = jnp.float32
-        conv = dict(kernel_size=3, padding=1, use_bias=False, dtype=f32)
-        norm = dict(axis_name=BATCH_AXIS, mode="batch", momentum=0.9, dtype=f32)
-        self.conv1 = eqx.nn.Conv2d(
-            in_channels, out_channels, stride=stride, key=key1, **conv
-        )
-        self.norm1 = eqx.nn.BatchNorm(out_channels, **norm)
-        self.conv2 = eqx.nn.Conv2d(out_channels, out_channels, key=key2, **conv)
-        self.norm2 = eqx.nn.BatchNorm(out_channels, **norm)
+        self.conv1 = _conv3x3(in_channels, out_channels, stride, key=key1)
+        self.norm1 = _batch_norm(out_channels)
+        self.conv2 = _conv3x3(out_channels, out_channels, 1, key=key2)
+        self.norm2 = _batch_norm(out_channels)
         self.activation = activation
         self.stride = stride
         self.extra_channels = out_channels - in_channels
@@ -228,6 +246,6 @@ def resnet20(
             channels = width
     layers += [
         eqx.nn.Lambda(_global_average),
-        eqx.nn.Linear(channels, out_size, dtype=f32, key=next(keys)),
+        eqx.nn.Linear(channels, out_size, dtype=jnp.float32, key=next(keys)),
     ]
     return eqx.nn.Sequential(layers)

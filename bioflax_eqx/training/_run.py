@@ -225,6 +225,11 @@ def _split_state(model: PyTree, state: Any = None) -> tuple[PyTree, Any]:
         return model, None
     if state is None:
         state = eqx.nn.State(model)
+    # Strongly typed, as a checkpoint restores it (a weakly typed counter, e.g.
+    # batch norm's `jnp.array(0)`, would make the resumed run compile anew).
+    state = jax.tree_util.tree_map(
+        lambda x: jnp.array(x, dtype=x.dtype) if eqx.is_array(x) else x, state
+    )
     return eqx.nn.delete_init_state(model), state
 
 
