@@ -25,17 +25,3 @@ def uniform(
     key: PRNGKeyArray, shape: tuple[int, ...], bound: float, dtype
 ) -> Float[Array, "..."]:
     return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
-
-
-def check_input(x: Array, in_features: int, name: str) -> None:
-    """A clear error for the most common mistake: a batch passed to a per-example
-    layer (shapes are static, so this costs nothing after tracing)."""
-    if x.shape != (in_features,):
-        hint = (
-            " Layers take one example; batch with `jax.vmap`."
-            if x.ndim == 2 and x.shape[-1] == in_features
-            else ""
-        )
-        raise ValueError(
-            f"{name} expects an input of shape ({in_features},), got {x.shape}.{hint}"
-        )
