@@ -2,6 +2,7 @@
 description and load, the MNIST location, and the compiled programs (gradient,
 optimiser step, whole epoch through `bfx.train_epoch`) of any Equinox model."""
 
+import argparse
 import dataclasses
 import importlib.metadata
 import os
@@ -10,9 +11,10 @@ import platform
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import _torch
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -288,3 +290,23 @@ def verdict_lines(verdicts: list[tuple[str, str, bool]]) -> list[str]:
     out = ["| target | measured | met |", "| --- | --- | --- |"]
     out += [f"| {w} | {m} | {'yes' if ok else '**no**'} |" for w, m, ok in verdicts]
     return out
+
+
+def script_main(
+    description: str,
+    run: Callable[..., tuple[list[str], list[tuple[str, str, bool]]]],
+    smoke: Any,
+    full: Any,
+    argv: Sequence[str] | None,
+) -> None:
+    """The command line shared by the benchmark scripts: runs `run` (with `smoke`
+    or `full` settings) and writes its report and target verdicts to `--out`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round")
+    parser.add_argument("--out", type=pathlib.Path, required=True)
+    parser.add_argument("--data-dir", default=None, help="the MNIST IDX folder")
+    parser.add_argument("--no-torch", action="store_true")
+    args = parser.parse_args(argv)
+    setup = smoke if args.smoke else full
+    lines, verdicts = run(setup, args.data_dir, _torch.available(args.no_torch))
+    args.out.write_text("\n".join(lines + verdict_lines(verdicts)))

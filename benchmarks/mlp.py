@@ -6,7 +6,6 @@ MNIST epochs (`bfx.train_epoch`), and the same MLP in PyTorch.
 (`benchmarks/run_all.py` runs it with the other scripts and writes `results.md`.)
 """
 
-import argparse
 import dataclasses
 import pathlib
 import sys
@@ -231,15 +230,7 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="MLP benchmarks.")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round")
-    parser.add_argument("--out", type=pathlib.Path, required=True)
-    parser.add_argument("--data-dir", default=None, help="the MNIST IDX folder")
-    parser.add_argument("--no-torch", action="store_true")
-    args = parser.parse_args(argv)
-    setup = SMOKE if args.smoke else FULL
-    lines, verdicts = run(setup, args.data_dir, _torch.available(args.no_torch))
-    args.out.write_text("\n".join(lines + T.verdict_lines(verdicts)))
+    T.script_main("MLP benchmarks.", run, SMOKE, FULL, argv)
 
 
 if __name__ == "__main__":
