@@ -1,5 +1,8 @@
+import functools
+import http.server
 import os
 import pathlib
+import threading
 
 import jax
 import pytest
@@ -29,3 +32,28 @@ def getkey():
     """A fresh `jax.random` key on every call, the same sequence in every test."""
     keys = iter(jax.random.split(jax.random.key(5678), 1000))
     return lambda: next(keys)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):
+        pass
+
+
+@pytest.fixture
+def server(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch):
+    """A local stand-in for a download site, on loopback: (folder it serves, its
+    URL)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(_QuietHandler, directory=str(served))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(var, "127.0.0.1,localhost")
+    try:
+        yield served, f"http://127.0.0.1:{httpd.server_address[1]}/"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()

@@ -4,14 +4,11 @@ No test here needs the internet: the archives are generated in `tmp_path`, and
 downloads go to a local server or to a `urlopen` that fails.
 """
 
-import functools
 import hashlib
-import http.server
 import io
 import os
 import pathlib
 import tarfile
-import threading
 import urllib.error
 import urllib.request
 
@@ -354,30 +351,6 @@ def test_cache_folder_is_per_data_set(tmp_path, monkeypatch):
     with pytest.raises(DataNotFoundError) as info:
         load_dataset("cifar10", download=False)
     assert info.value.folder == tmp_path / "bioflax_eqx" / "cifar10"
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format, *args):
-        pass
-
-
-@pytest.fixture
-def server(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch):
-    """A local stand-in for the official site: (folder it serves, its URL)."""
-    served = tmp_path / "served"
-    served.mkdir()
-    handler = functools.partial(_QuietHandler, directory=str(served))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    for var in ("no_proxy", "NO_PROXY"):
-        monkeypatch.setenv(var, "127.0.0.1,localhost")
-    try:
-        yield served, f"http://127.0.0.1:{httpd.server_address[1]}/"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
 
 
 def test_download_once_into_the_folder(tmp_path, monkeypatch, server):

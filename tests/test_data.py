@@ -1,11 +1,8 @@
-import functools
 import gzip
-import http.server
 import math
 import os
 import pathlib
 import shutil
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -52,30 +49,6 @@ def _link_all_but(src: pathlib.Path, dst: pathlib.Path, *skip: str) -> None:
 
 def _decompressed(src: pathlib.Path, name: str) -> bytes:
     return gzip.decompress((src / name).read_bytes())
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format, *args):
-        pass
-
-
-@pytest.fixture
-def server(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch):
-    """A local mirror: (folder it serves, its URL)."""
-    served = tmp_path / "served"
-    served.mkdir()
-    handler = functools.partial(_QuietHandler, directory=str(served))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    for var in ("no_proxy", "NO_PROXY"):
-        monkeypatch.setenv(var, "127.0.0.1,localhost")
-    try:
-        yield served, f"http://127.0.0.1:{httpd.server_address[1]}/"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
 
 
 # --------------------------------------------------------------------- MNIST
