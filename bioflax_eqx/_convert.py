@@ -104,16 +104,22 @@ def _dfa_layers(
             out.append(Sequential(inner))
             continue
         if _has_layers(layer):
+            dense = isinstance(layer, eqx.nn.Linear)
+            if shape is None and not dense:
+                raise ValueError(
+                    "converting to DFA needs `input_shape=` (one example's input "
+                    "shape) to size the feedback of a "
+                    f"{type(layer).__name__}, whose input size is not part of the "
+                    "layer."
+                )
             out.append(
                 DFA(
                     layer,
                     error_features,
-                    input_shape=shape if not isinstance(layer, eqx.nn.Linear) else None,
+                    input_shape=None if dense else shape,
                     feedback_scale=feedback_scale,
                     key=next_key(),
                 )
-                if shape is not None or isinstance(layer, eqx.nn.Linear)
-                else _needs_shape(layer)
             )
         else:
             out.append(layer)
@@ -122,14 +128,6 @@ def _dfa_layers(
         elif shape is not None:
             shape = _output_shape(layer, shape, dtype)
     return out, shape
-
-
-def _needs_shape(layer: Any):
-    raise ValueError(
-        f"converting to DFA needs `input_shape=` (one example's input shape) to size "
-        f"the feedback of a {type(layer).__name__}, whose input size is not part of "
-        f"the layer."
-    )
 
 
 def _to_dfa(
