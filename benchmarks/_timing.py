@@ -309,4 +309,5 @@ def script_main(
     args = parser.parse_args(argv)
     setup = smoke if args.smoke else full
     lines, verdicts = run(setup, args.data_dir, _torch.available(args.no_torch))
-    args.out.write_text("\n".join(lines + verdict_lines(verdicts)))
+    targets = verdict_lines(verdicts) if verdicts else []
+    args.out.write_text("\n".join(lines + targets))

@@ -1,14 +1,8 @@
-"""Formulations of the per-step work that XLA:CPU compiles well.
+"""A formulation of per-step work that XLA:CPU compiles well.
 
-Two things are slow on CPU and avoidable:
-
-- An operand read transposed inside a fused elementwise loop. XLA:CPU emits such a
-  loop as strided scalar code (5-10x slower than one copy) as soon as the loop also
-  holds a broadcast scalar, e.g. an optimiser's constants. [`row_major`][] makes XLA
-  write the transposed array out once with its transpose kernel instead.
-- JAX's Threefry on CPU: it lowers to a rolled loop that makes five passes over the
-  counters. [`uniform`][] computes the same bits with the rounds written out, one
-  fused loop, about 4x faster.
+JAX's Threefry on CPU lowers to a rolled loop that makes five passes over the
+counters. [`uniform`][] computes the same bits with the rounds written out, one fused
+loop, about 4x faster.
 """
 
 import math
@@ -17,26 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jaxtyping import Array, Float, PRNGKeyArray, Shaped, UInt32
-
-
-try:
-    from jax.experimental.layout import Layout, with_layout_constraint
-except ImportError:  # older JAX: no layout constraints, plain transposes
-
-    def _row_major_cpu(x: Shaped[Array, "..."]) -> Shaped[Array, "..."]:
-        return x
-
-else:
-
-    def _row_major_cpu(x: Shaped[Array, "..."]) -> Shaped[Array, "..."]:
-        return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
-
-
-def row_major(x: Shaped[Array, "..."]) -> Shaped[Array, "..."]:
-    """`x`, materialised in row-major order on CPU; the identity elsewhere (other
-    backends pick their own layouts, e.g. tiled ones on TPU)."""
-    return lax.platform_dependent(x, cpu=_row_major_cpu, default=lambda x: x)
+from jaxtyping import Array, Float, PRNGKeyArray, UInt32
 
 
 # Threefry-2x32, 20 rounds (Salmon et al. 2011): the generator behind `jax.random`.

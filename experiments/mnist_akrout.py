@@ -51,6 +51,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
+from _common import mean_std, write_report
 from jax import lax
 
 import bioflax_eqx as bfx
@@ -341,11 +342,6 @@ def _run(args, data, rule: str, seed: int) -> dict:
     return history
 
 
-def _mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {std:.2f}"
-
-
 FINAL_HEADER = (
     "| rule | lr | epochs | test accuracy (%) | published (400 epochs) "
     "| ours − theirs, same epoch | δ angle, hidden (°) | W–Bᵀ angle, output layer (°) "
@@ -364,12 +360,12 @@ def _final_rows(histories: dict[str, list[dict]]) -> list[str]:
         delta = [r["angles"]["delta_angle/0"] for r in runs]
         weight = "—"
         if "weight_angle/1" in runs[0]["angles"]:
-            weight = _mean_std([r["angles"]["weight_angle/1"] for r in runs])
+            weight = mean_std([r["angles"]["weight_angle/1"] for r in runs])
         times = [t for r in runs for t in r["times"]]
         rows.append(
-            f"| {rule} | {runs[0]['lr']} | {epochs} | {_mean_std(acc)} "
+            f"| {rule} | {runs[0]['lr']} | {epochs} | {mean_std(acc)} "
             f"| {'—' if published is None else f'{published:.2f}'} | {gap} "
-            f"| {_mean_std(delta)} | {weight} | {statistics.median(times):.1f} |"
+            f"| {mean_std(delta)} | {weight} | {statistics.median(times):.1f} |"
         )
     return rows
 
@@ -521,10 +517,7 @@ def main() -> None:
         rule: runs for rule, runs in histories.items() if all(r["epochs"] for r in runs)
     }
     text = _report(args, histories)
-    path = pathlib.Path(args.results)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    print(text)
+    write_report(args.results, text)
 
 
 if __name__ == "__main__":

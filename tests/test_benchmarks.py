@@ -15,7 +15,7 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 def scripts():
     """The benchmark modules, imported as the scripts import each other (their
     folder on `sys.path`)."""
-    names = ("_timing", "_torch", "mlp", "conv", "run_all")
+    names = ("_timing", "_torch", "mlp", "conv", "devices", "run_all")
     sys.path.insert(0, str(BENCHMARKS))
     try:
         yield {name: importlib.import_module(name) for name in names}
@@ -37,10 +37,18 @@ def test_smoke_run_writes_a_report(scripts, tmp_path, mnist_dir):
         "### MLP 784-16-10",
         "### Whole MNIST epochs, MLP 784-16-10",
         "## LeNet-5",
-        "## Targets",
+        "## Many devices",
     ):
         assert section in text
+    # The targets' verdicts go beside the report, not into it.
+    assert "## Targets" not in text
+    targets = (tmp_path / "targets.md").read_text()
+    assert "| kp gradient ≤ 1.05× BP, MLP 784-16-10 |" in targets
     mlp, lenet = text.split("## LeNet-5")
+    lenet, devices = lenet.split("## Many devices")
+    # The smoke run: 2 simulated devices, in a process of their own.
+    assert "functional scaling only" in devices
+    assert "| fa | " in devices and "(1.00×) |" in devices
     for rule in ("bp", "kp", "dfa"):
         assert f"| {rule} | " in mlp
     for rule in ("bp", "fa", "dfa"):

@@ -1,6 +1,5 @@
 """The CPU-friendly building blocks: the fused Threefry draws exactly what
-`jax.random` draws (also as brSF's per-call feedback), and `row_major` changes no
-value."""
+`jax.random` draws (also as brSF's per-call feedback)."""
 
 import equinox as eqx
 import jax
@@ -10,7 +9,7 @@ import pytest
 from jax.extend.random import threefry2x32_p
 
 import bioflax_eqx as bfx
-from bioflax_eqx._kernels import row_major, threefry2x32, uniform
+from bioflax_eqx._kernels import threefry2x32, uniform
 
 
 # Threefry-2x32-20 known answers from Random123 (Salmon et al. 2011):
@@ -61,16 +60,6 @@ def test_uniform_with_another_key_implementation():
         uniform(jax.random.key(1, impl="rbg"), (200, 200), 2.0, jnp.float32)
     )
     assert not np.array_equal(draw, other)
-
-
-def test_row_major_keeps_values(getkey):
-    x = jax.random.normal(getkey(), (4, 6))
-    np.testing.assert_array_equal(jax.jit(lambda x: row_major(x.T))(x), x.T)
-    np.testing.assert_array_equal(row_major(x.T), x.T)  # eagerly too
-    # It is linear: gradients pass through unchanged.
-    weights = jnp.arange(24.0).reshape(6, 4)
-    grad = jax.grad(lambda x: jnp.sum(row_major(x.T) * weights))(x)
-    np.testing.assert_array_equal(grad, weights.T)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])

@@ -93,6 +93,19 @@ def test_config_round_trips_and_rejects_unknown_fields():
         bfx.TrainConfig.from_dict({**config.to_dict(), "widths": [3]})
 
 
+def test_auto_activation_is_the_models_own_and_recorded_resolved():
+    assert bfx.TrainConfig().activation == "relu"
+    lenet = bfx.TrainConfig(model="lenet")
+    assert lenet.activation == "tanh"
+    assert lenet.to_dict()["activation"] == "tanh"  # config.json: what was used
+    assert bfx.TrainConfig(model="lenet", activation="relu").activation == "relu"
+    assert bfx.TrainConfig(model="vgg", activation="auto").activation == "relu"
+    # The LeNet's units follow the resolved field.
+    model, _ = _build_with_state(_conv("lenet", "bp"))
+    act = model.layers[1]
+    assert isinstance(act, eqx.nn.Lambda) and act.fn is jax.nn.tanh
+
+
 class _Killed(Exception):
     pass
 
@@ -511,10 +524,17 @@ def test_lenet_is_biotorchs():
         (84, 10),
     ]
     assert _params(model) == 61_706
-    # CIFAR-10: no padding, and the same 5×5×16 features.
+    # CIFAR-10: biotorch's wider CIFAR LeNet, no padding, 5×5 features.
     cifar = _models.lenet((3, 32, 32), 10, jax.nn.relu, key=jax.random.key(0))
-    assert cifar.layers[0].padding == ((0, 0), (0, 0))
-    assert cifar.layers[7].in_features == 400
+    convs = [x for x in cifar.layers if isinstance(x, eqx.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(3, 32), (32, 64)]
+    assert convs[0].padding == ((0, 0), (0, 0))
+    denses = [x for x in cifar.layers if isinstance(x, eqx.nn.Linear)]
+    assert [(d.in_features, d.out_features) for d in denses] == [
+        (64 * 5 * 5, 128),
+        (128, 84),
+        (84, 10),
+    ]
 
 
 def test_resnet20_has_he_et_als_size_and_one_dfa_point_per_block():

@@ -6,6 +6,10 @@ model, optimiser state and RNG key written by `eqx.tree_serialise_leaves`. It is
 written to a temporary file in the same folder and renamed over the old one, so the
 folder always holds the last complete checkpoint; the checksum catches a file that
 was cut short or altered anyway.
+
+The arrays are gathered to the host before they are written: a checkpoint holds
+plain NumPy arrays, whatever devices (or how many) they were on, and the run that
+loads it places them on its own.
 """
 
 import hashlib
@@ -48,9 +52,10 @@ def atomic_write(path: pathlib.Path, data: bytes) -> None:
 
 
 def save_checkpoint(folder: pathlib.Path, header: dict[str, Any], state: PyTree):
-    """Writes `header` and the arrays of `state` atomically to the folder."""
+    """Writes `header` and the arrays of `state` (gathered to the host; replicated
+    ones from this process's own copy) atomically to the folder."""
     buffer = io.BytesIO()
-    eqx.tree_serialise_leaves(buffer, state)
+    eqx.tree_serialise_leaves(buffer, jax.device_get(state))
     payload = buffer.getvalue()
     header = {
         **header,
@@ -104,7 +109,8 @@ def read_header(folder: pathlib.Path) -> tuple[dict[str, Any], bytes]:
 
 def load_state(folder: pathlib.Path, payload: bytes, like: PyTree) -> PyTree:
     """The arrays of a checkpoint's payload, in the structure of `like`, checked to
-    have `like`'s shapes and dtypes."""
+    have `like`'s shapes and dtypes; on the default device (the trainer then places
+    them on its devices)."""
     path = folder / CHECKPOINT_NAME
     try:
         state = eqx.tree_deserialise_leaves(io.BytesIO(payload), like)

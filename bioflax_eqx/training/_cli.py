@@ -1,4 +1,5 @@
-"""The `bioflax-eqx` command line: `train` one rule, or `compare` several."""
+"""The `bioflax-eqx` command line: `train` one rule, or `compare` several; on one
+device, several (`--devices`), or several hosts (`--distributed`)."""
 
 import argparse
 import dataclasses
@@ -7,6 +8,8 @@ import pathlib
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+import jax
 
 from .._data import DataNotFoundError
 from .._rules import RULES
@@ -18,6 +21,7 @@ from ._run import (
     TrainResult,
     compare,
     comparison_rows,
+    is_primary,
     train,
 )
 
@@ -77,6 +81,32 @@ def _add_run_options(parser: argparse.ArgumentParser, default_out: str) -> None:
         "--overwrite", action="store_true", help="replace a run already in --out"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    # How the processes of a multi-host run find each other: not part of the run's
+    # configuration (a checkpoint resumes under any launch).
+    launch = parser.add_argument_group(
+        "multi-host runs",
+        "Run the same command in every process (one per host, or per GPU); each "
+        "uses --devices of its local devices, and process 0 writes --out.",
+    )
+    launch.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first; on SLURM, Open MPI and "
+        "Cloud TPU it finds its settings itself, elsewhere give the three options "
+        "below (which imply --distributed)",
+    )
+    launch.add_argument(
+        "--coordinator-address",
+        metavar="HOST:PORT",
+        help="where process 0 serves the coordinator (default: "
+        "$JAX_COORDINATOR_ADDRESS, or detected)",
+    )
+    launch.add_argument(
+        "--num-processes", type=int, metavar="N", help="processes in the run"
+    )
+    launch.add_argument(
+        "--process-id", type=int, metavar="I", help="this process, 0 to N - 1"
+    )
 
 
 def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -202,6 +232,18 @@ def _report(result: TrainResult) -> str:
     return ", ".join(parts) + f"; written to {result.config.out}"
 
 
+def _initialize_distributed(args: argparse.Namespace) -> None:
+    """`jax.distributed.initialize` with the options given (the others detected),
+    if any of the multi-host options is; before JAX starts its backends."""
+    settings = {
+        "coordinator_address": args.coordinator_address,
+        "num_processes": args.num_processes,
+        "process_id": args.process_id,
+    }
+    if args.distributed or any(v is not None for v in settings.values()):
+        jax.distributed.initialize(**settings)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
     parser, commands = _parsers()
@@ -219,11 +261,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError) as e:
         sub.error(str(e))
     try:
+        _initialize_distributed(args)
+    except (ValueError, TypeError, RuntimeError) as e:
+        print(f"bioflax-eqx: error: --distributed: {e}", file=sys.stderr)
+        return 1
+    try:
         if args.command == "train":
             result = train(
                 config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet
             )
-            if not args.quiet:
+            if not args.quiet and is_primary():
                 print(_report(result))
         else:
             results = compare(
@@ -233,8 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overwrite=args.overwrite,
                 quiet=args.quiet,
             )
-            print(format_table(results))
-            if config.out is not None and not args.quiet:
+            if is_primary():
+                print(format_table(results))
+            if config.out is not None and not args.quiet and is_primary():
                 print(f"written to {config.out}")
     except ConfigError as e:
         sub.error(f"argument {_flag(e.field)}: {e.reason}")

@@ -2,7 +2,8 @@
 steps. The trainer ([`bioflax_eqx.train`][]) runs its epochs with it, and so can any
 other loop (the benchmarks do).
 [`train_epoch_with_state`][bioflax_eqx.train_epoch_with_state] carries an
-`eqx.nn.State` (batch norm) through the scan too."""
+`eqx.nn.State` (batch norm) through the scan too. Given a `jax.sharding.Mesh`, both
+run data-parallel on it (see the Many devices page)."""
 
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,7 @@ import equinox as eqx
 import jax
 import optax
 from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Shaped
 
 from .._data import epoch_batches
@@ -29,6 +31,7 @@ def train_epoch(
     loss_fn: Callable[[PyTree, Array, Array, PRNGKeyArray], tuple[Array, Any]],
     batch_size: int,
     after_step: Callable[[PyTree, PRNGKeyArray], PyTree] | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[PyTree, PyTree, Float[Array, " steps"], PyTree]:
     """One epoch of training: shuffles `(x, y)` on device
     ([`bioflax_eqx.epoch_batches`][]), then runs one optimiser step per minibatch in
@@ -78,6 +81,16 @@ def train_epoch(
         It may change the arrays of `params` only (so a WM model's feedback must
         be in `params`, its optimiser update zeroed by
         [`bioflax_eqx.freeze_feedback`][]).
+    - `mesh`: run the epoch data-parallel over this `jax.sharding.Mesh`: each
+        minibatch is split along its first axis over all the mesh's axes (so
+        `batch_size` must be a multiple of `mesh.size`), while `params` and
+        `opt_state` (and [`bioflax_eqx.train_epoch_with_state`][]'s `state`) stay
+        replicated on every device; XLA sums the gradients across devices. Put
+        the arrays on the mesh first, e.g. `jax.device_put(x, NamedSharding(mesh,
+        PartitionSpec()))` (the data too: every device holds the whole data set
+        and takes its part of each shuffled minibatch). The rules are unchanged:
+        the result equals the single-device one up to the order of the sums.
+        `None` (default): no sharding constraints.
 
     **Returns:**
 
@@ -102,6 +115,7 @@ def train_epoch(
         loss_fn=stateful_loss_fn,
         batch_size=batch_size,
         after_step=after_step,
+        mesh=mesh,
     )
     return params, opt_state, losses, aux
 
@@ -122,6 +136,7 @@ def train_epoch_with_state(
     ],
     batch_size: int,
     after_step: Callable[[PyTree, PRNGKeyArray], PyTree] | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[PyTree, PyTree, PyTree, Float[Array, " steps"], PyTree]:
     """[`bioflax_eqx.train_epoch`][] for models with state that is not trained but
     updated by every step, e.g. the running statistics of `eqx.nn.BatchNorm` in an
@@ -172,6 +187,7 @@ def train_epoch_with_state(
         loss_fn=loss_fn,
         batch_size=batch_size,
         after_step=after_step,
+        mesh=mesh,
     )
 
 
@@ -188,10 +204,14 @@ def _epoch(
     loss_fn,
     batch_size,
     after_step,
+    mesh,
 ):
+    split, replicate = _constraints(mesh, batch_size)
+
     def step(carry, batch):
         params, state, opt_state = carry
         xb, yb, step_key = batch
+        xb, yb = split(xb, 0), split(yb, 0)
 
         def loss(params):
             return loss_fn(eqx.combine(params, static), state, xb, yb, step_key)
@@ -210,12 +230,46 @@ def _epoch(
                 eqx.filter(model, eqx.is_array),
                 is_leaf=lambda p: p is None,
             )
-        return (params, state, opt_state), (value, aux)
+        # Kept replicated through the scan: XLA then sums the gradients of the
+        # devices' parts of the batch (one all-reduce per step).
+        return replicate((params, state, opt_state)), (value, aux)
 
     shuffle_key, step_key = jax.random.split(key)
     xb, yb = epoch_batches(shuffle_key, x, y, batch_size)
+    # The shuffled epoch split along the batch axis too: each device gathers only
+    # its part of every minibatch from its copy of the data.
+    xb, yb = split(xb, 1), split(yb, 1)
     keys = jax.random.split(step_key, xb.shape[0])
+    params, state, opt_state = replicate((params, state, opt_state))
     (params, state, opt_state), (losses, aux) = lax.scan(
         step, (params, state, opt_state), (xb, yb, keys)
     )
     return params, state, opt_state, losses, aux
+
+
+def _constraints(mesh: Mesh | None, batch_size: int):
+    """`(split, replicate)`: `split(x, axis)` constrains `x` to be divided along
+    `axis` over all the mesh's axes, `replicate(tree)` its arrays to be whole on
+    every device; without a mesh, both leave their input as it is."""
+    if mesh is None:
+        return (lambda x, axis: x), (lambda tree: tree)
+    if batch_size % mesh.size != 0:
+        raise ValueError(
+            f"batch_size ({batch_size}) must be a multiple of the mesh's "
+            f"{mesh.size} devices: each device takes an equal part of every batch."
+        )
+    replicated = NamedSharding(mesh, P())
+
+    def split(x, axis):
+        spec = P(*[None] * axis, mesh.axis_names)
+        return lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    def replicate(tree):
+        return jax.tree_util.tree_map(
+            lambda x: (
+                lax.with_sharding_constraint(x, replicated) if eqx.is_array(x) else x
+            ),
+            tree,
+        )
+
+    return split, replicate

@@ -3,7 +3,8 @@ checkpoints after every epoch, bit-identical resume.
 
 A run is a pure function of its [`TrainConfig`][bioflax_eqx.TrainConfig]: every random
 choice (validation split, initial weights, feedback, batch order, augmentation,
-brSF's draws) comes from `jax.random.key(config.seed)`.
+brSF's draws) comes from `jax.random.key(config.seed)`, whatever the number of
+devices it runs on (data-parallel over a mesh of them, with JAX's sharding).
 """
 
 import collections
@@ -22,7 +23,9 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from .._convert import convert, linear_layers
@@ -67,8 +70,10 @@ _RUN_FILES = (CONFIG_NAME, CHECKPOINT_NAME, METRICS_NAME, SUMMARY_NAME)
 _ALL_RUN_FILES = (*_RUN_FILES, CURVES_NAME, ALIGNMENT_NAME)
 
 # Fields that may differ between a checkpoint and the run resuming it: where things
-# are, and (for a constant schedule) how many epochs to run in all.
-_RELOCATABLE = ("data_dir", "out")
+# are and run, and (for a constant schedule) how many epochs to run in all.
+_RELOCATABLE = ("data_dir", "out", "devices")
+# The name of the one axis of the trainer's device mesh.
+DATA_AXIS = "data"
 
 # How often each compiled function was traced (read by the tests: no retracing).
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
@@ -318,15 +323,88 @@ class _Setup:
     config: TrainConfig
     image_shape: tuple[int, ...] | None  # the model's input shape, if images
     stateful: bool
+    mesh: Mesh | None = None  # data parallel over it, or one device
 
 
-def _setup(config: TrainConfig, model: Any, state: Any) -> _Setup:
+def _setup(
+    config: TrainConfig, model: Any, state: Any, mesh: Mesh | None = None
+) -> _Setup:
     """The configuration with the fields that do not change the compiled programs
     reset, so that runs differing only in them share the programs."""
     epochs = config.epochs if config.schedule == "cosine" else 1
     key = dataclasses.replace(config, out=None, data_dir=None, seed=0, epochs=epochs)
     image_shape = IMAGE_SHAPES[config.dataset] if _takes_images(config, model) else None
-    return _Setup(key, image_shape, state is not None)
+    return _Setup(key, image_shape, state is not None, mesh)
+
+
+# ----------------------------------------------------------------- many devices
+
+
+def _mesh(config: TrainConfig) -> Mesh | None:
+    """The mesh of `config.devices` local devices of every process, one axis
+    (`DATA_AXIS`), or `None` for one device in one process (no sharding at all).
+    Refuses a count this process does not have, and a batch that the devices of
+    all processes do not divide."""
+    local = jax.local_devices()
+    if config.devices > len(local):
+        simulate = (
+            "; on CPU, XLA_FLAGS=--xla_force_host_platform_device_count="
+            f"{config.devices} simulates them"
+            if local[0].platform == "cpu"
+            else ""
+        )
+        raise ConfigError(
+            "devices",
+            f"asks for {config.devices} devices, but this process has "
+            f"{len(local)} ({local[0].platform}){simulate}.",
+        )
+    processes = jax.process_count()
+    if config.devices == 1 and processes == 1:
+        return None
+    total = config.devices * processes
+    if config.batch_size % total != 0:
+        raise ConfigError(
+            "batch_size",
+            f"must be a multiple of the {total} devices ({config.devices} in each "
+            f"of {processes} processes): each device takes an equal part of every "
+            f"batch; got {config.batch_size}.",
+        )
+    # The same count from each process, in process order: every process builds the
+    # same mesh.
+    devices = []
+    for process in range(processes):
+        own = [d for d in jax.devices() if d.process_index == process]
+        devices += own[: config.devices]
+    return Mesh(np.array(devices), (DATA_AXIS,))
+
+
+def _replicated(tree: PyTree, mesh: Mesh | None) -> PyTree:
+    """The arrays of `tree` whole on every device of `mesh` (unchanged without one).
+
+    Every process holds the same values (the same data set and model from the same
+    seed, or the same checkpoint) and builds its own devices' copies from its own:
+    nothing is sent between processes (`jax.device_put` would first check that
+    they agree, by gathering every process's copy of the data set)."""
+    if mesh is None:
+        return tree
+    sharding = NamedSharding(mesh, P())
+
+    def place(x):
+        if not eqx.is_array(x):
+            return x
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x  # already there: the outputs of the last epoch
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = place(jax.random.key_data(x))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+    return jax.tree_util.tree_map(place, tree)
+
+
+def is_primary() -> bool:
+    """Whether this process writes the run's files (process 0 of a multi-host run)."""
+    return jax.process_index() == 0
 
 
 def _schedule(config: TrainConfig) -> optax.Schedule:
@@ -467,7 +545,7 @@ def _mirror_step(
 def _train_epoch(params, state, opt_state, x, y, key, static, setup: _Setup):
     """One epoch ([`train_epoch_with_state`][bioflax_eqx.train_epoch_with_state]),
     its mean loss and accuracy, and whether the losses and parameters stayed
-    finite."""
+    finite; data-parallel over `setup.mesh` if there is one."""
     TRACE_COUNTS["epoch"] += 1
     params, state, opt_state, losses, hits = train_epoch_with_state(
         params,
@@ -481,6 +559,7 @@ def _train_epoch(params, state, opt_state, x, y, key, static, setup: _Setup):
         loss_fn=_step_loss(setup),
         batch_size=setup.config.batch_size,
         after_step=_mirror_step(setup.config),
+        mesh=setup.mesh,
     )
     finite = jnp.all(jnp.isfinite(losses)) & _all_finite(params)
     return params, state, opt_state, jnp.mean(losses), jnp.mean(hits), finite
@@ -490,11 +569,39 @@ def _train_epoch(params, state, opt_state, x, y, key, static, setup: _Setup):
 _EVAL_CHUNK = 1000
 
 
+def _map_examples(fn: Callable, xs: PyTree, mesh: Mesh | None) -> PyTree:
+    """`lax.map(fn, xs, batch_size=_EVAL_CHUNK)` over the examples (first axis) of
+    `xs`; with a mesh, each chunk is split over its devices (the chunk rounded up to
+    a multiple of them; the remainder runs whole on every device)."""
+    if mesh is None:
+        return jax.lax.map(fn, xs, batch_size=_EVAL_CHUNK)
+    chunk = -(-_EVAL_CHUNK // mesh.size) * mesh.size
+    n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+    main = n - n % chunk
+    split = NamedSharding(mesh, P(DATA_AXIS))
+
+    def one_chunk(part):
+        part = jax.lax.with_sharding_constraint(part, split)
+        return jax.vmap(fn)(part)
+
+    parts = []
+    if main > 0:
+        chunks = jax.tree_util.tree_map(
+            lambda a: a[:main].reshape(-1, chunk, *a.shape[1:]), xs
+        )
+        out = jax.lax.map(one_chunk, chunks)
+        parts.append(jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:]), out))
+    if main < n:
+        parts.append(jax.vmap(fn)(jax.tree_util.tree_map(lambda a: a[main:], xs)))
+    return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)
+
+
 @eqx.filter_jit
 def _evaluate(params, state, splits, fixed_x, fixed_y, key, static, setup: _Setup):
     """Loss (and accuracy) on each `(x, y)` of `splits`, and the alignment metrics on
     the fixed batch: one compiled call per epoch, outside the training scan.
-    Batch norm in inference mode (its running statistics)."""
+    Batch norm in inference mode (its running statistics). With a mesh, the splits
+    are evaluated data-parallel, the metrics' fixed batch whole on every device."""
     TRACE_COUNTS["evaluate"] += 1
     config = setup.config
     loss_fn = _loss_fn(config)
@@ -509,7 +616,7 @@ def _evaluate(params, state, splits, fixed_x, fixed_y, key, static, setup: _Setu
             output = applied(xy[0], key=key)
             return loss_fn(output, xy[1]), output
 
-        losses, outputs = jax.lax.map(one, (x, y), batch_size=_EVAL_CHUNK)
+        losses, outputs = _map_examples(one, (x, y), setup.mesh)
         acc = jnp.mean(_hits(outputs, y)) if config.classification else None
         results.append((jnp.mean(losses), acc))
     alignment = alignment_metrics(applied, fixed_x, fixed_y, loss_fn, key=key)
@@ -668,6 +775,11 @@ def train(
     `summary.json` and two plots (when matplotlib is installed; all described on
     the Training page of this site).
 
+    With `config.devices > 1`, or in a multi-host run (after
+    `jax.distributed.initialize()`), training and evaluation run data-parallel: each
+    batch is split over the devices, the model, optimiser and batch-norm state
+    replicated (the Many devices page). Only process 0 writes `config.out`.
+
     ```python
     net = eqx.nn.Sequential([
         eqx.nn.Conv2d(1, 8, 3, key=k1), eqx.nn.Lambda(jax.nn.relu),
@@ -693,9 +805,10 @@ def train(
     - `state`: the custom model's `eqx.nn.State`, if it has state and was made
         with `eqx.nn.make_with_state` (else it is read off the model).
     - `resume`: continue from the checkpoint in `config.out`. The configuration must
-        match the checkpoint's, except `data_dir`, `out`, and `epochs` (which may
-        grow, for a constant schedule). The finished run is bit-identical to one
-        that was never interrupted.
+        match the checkpoint's, except `data_dir`, `out`, `devices`, and `epochs`
+        (which may grow, for a constant schedule). The finished run is
+        bit-identical to one that was never interrupted on the same number of
+        devices (on another, equal up to the order of the gradient sums).
     - `overwrite`: replace a run already in `config.out`; without it (or `resume`)
         such a folder is refused.
     - `quiet`: no progress bar.
@@ -707,7 +820,8 @@ def train(
 
     **Raises:**
 
-    `FileExistsError` (a run is in the way),
+    [`ConfigError`][bioflax_eqx.ConfigError] (e.g. more `devices` than this
+    process has), `FileExistsError` (a run is in the way),
     [`CheckpointError`][bioflax_eqx.CheckpointError] (nothing to resume, a damaged
     checkpoint or another configuration's),
     [`DataNotFoundError`][bioflax_eqx.DataNotFoundError], all before any training;
@@ -717,6 +831,7 @@ def train(
     if not isinstance(config, TrainConfig):
         raise TypeError(f"`config` must be a TrainConfig, got {type(config).__name__}.")
     _check_custom(config, model)
+    mesh = _mesh(config)
     out = None if config.out is None else pathlib.Path(config.out)
     header, payload = None, b""
     if resume:
@@ -724,12 +839,12 @@ def train(
             raise ConfigError("out", "must be set to resume a run.")
         header, payload = read_header(out)
         _check_resumable(config, header, out)
-    elif out is not None:
+    elif out is not None and is_primary():
         _prepare_fresh(out, overwrite)
     # optax's Adam mixes a float with its int32 step count: standard promotion, so
     # that training works whatever the caller's setting (the arrays are float32).
     with jax.numpy_dtype_promotion("standard"):
-        return _run(config, out, header, payload, quiet, callback, model, state)
+        return _run(config, out, header, payload, quiet, callback, model, state, mesh)
 
 
 def _run(
@@ -741,6 +856,7 @@ def _run(
     callback: Callable[[dict[str, Any]], None] | None,
     custom: Any,
     custom_state: Any,
+    mesh: Mesh | None,
 ) -> TrainResult:
     data_key, model_key, train_key, metrics_key = jax.random.split(
         jax.random.key(config.seed), 4
@@ -752,19 +868,22 @@ def _run(
     rng = train_key
     history: list[dict[str, Any]] = []
     elapsed = 0.0
+    # Only process 0 of a multi-host run writes; every process reads to resume.
+    writes = out if is_primary() else None
     if header is not None and out is not None:
         like = (params, opt_state, jax.random.key_data(rng), state)
         params, opt_state, rng_data, state = load_state(out, payload, like)
         rng = jax.random.wrap_key_data(rng_data)
         history = list(header["history"])
         elapsed = float(header["elapsed_s"])
-        _write_history(out, history)
+        if writes is not None:
+            _write_history(writes, history)
     start = len(history)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / CONFIG_NAME, config.to_dict())
+    if writes is not None:
+        writes.mkdir(parents=True, exist_ok=True)
+        _write_json(writes / CONFIG_NAME, config.to_dict())
     if start == config.epochs:  # resuming a finished run
-        return _finish(config, out, eqx.combine(params, static), state, history)
+        return _finish(config, writes, eqx.combine(params, static), state, history)
 
     data = _load_data(config, data_key)
     if (data.n_features, data.n_outputs) != (
@@ -772,7 +891,7 @@ def _run(
         io_shapes(config)[1],
     ):
         raise RuntimeError(f"{config.dataset} does not have the expected shapes.")
-    setup = _setup(config, model, state)
+    setup = _setup(config, model, state, mesh)
     # A fixed batch for the metrics, so that epochs are comparable.
     source = data.val if data.val.x.shape[0] > 0 else data.train
     fixed_x = source.x[: config.metrics_batch]
@@ -780,8 +899,16 @@ def _run(
     splits = {"val": data.val, "test": data.test}
     splits = {name: s for name, s in splits.items() if s.x.shape[0] > 0}
     schedule = _schedule(config)
+    # Data parallel: the model, its state and the optimiser's replicated on every
+    # device (whether fresh or from a checkpoint of any device count), and so is
+    # the data, of which each device takes its part of every batch.
+    params, static, opt_state, state, fixed_x, fixed_y, metrics_key = _replicated(
+        (params, static, opt_state, state, fixed_x, fixed_y, metrics_key), mesh
+    )
+    train_x, train_y = _replicated((data.train.x, data.train.y), mesh)
+    evaluated_splits = [_replicated((s.x, s.y), mesh) for s in splits.values()]
 
-    with _progress(config, start, quiet) as bar:
+    with _progress(config, start, quiet or writes is None) as bar:
         for epoch in range(start + 1, config.epochs + 1):
             t0 = time.perf_counter()
             rng, epoch_key = jax.random.split(rng)
@@ -789,9 +916,9 @@ def _run(
                 params,
                 state,
                 opt_state,
-                data.train.x,
-                data.train.y,
-                epoch_key,
+                train_x,
+                train_y,
+                _replicated(epoch_key, mesh),
                 static,
                 setup,
             )
@@ -812,7 +939,7 @@ def _run(
             evaluated, alignment = _evaluate(
                 params,
                 state,
-                [tuple(s) for s in splits.values()],
+                evaluated_splits,
                 fixed_x,
                 fixed_y,
                 metrics_key,
@@ -837,7 +964,7 @@ def _run(
                 train_time_s=t1 - t0, eval_time_s=t2 - t1, wall_time_s=elapsed
             )
             history.append(record)
-            if out is not None:
+            if writes is not None:
                 checkpoint_header = {
                     "config": config.to_dict(),
                     "epoch": epoch,
@@ -845,13 +972,13 @@ def _run(
                     "history": history,
                 }
                 saved = (params, opt_state, jax.random.key_data(rng), state)
-                save_checkpoint(out, checkpoint_header, saved)
-                _write_history(out, history)
+                save_checkpoint(writes, checkpoint_header, saved)
+                _write_history(writes, history)
             bar.update(1)
             bar.set_postfix(_postfix(record), refresh=True)
             if callback is not None:
                 callback(record)
-    return _finish(config, out, eqx.combine(params, static), state, history)
+    return _finish(config, writes, eqx.combine(params, static), state, history)
 
 
 def _postfix(record: dict[str, Any]) -> dict[str, str]:
@@ -940,30 +1067,32 @@ def compare(
         )
         for rule in rules
     }
-    # Every refusal before any training.
+    # Every refusal before any training (by process 0 of a multi-host run, which
+    # alone writes, and so may already have started the first run).
+    writes = out if is_primary() else None
     resumes = {}
     for rule, cfg in configs.items():
         folder = None if cfg.out is None else pathlib.Path(cfg.out)
         resumes[rule] = (
             resume and folder is not None and (folder / CHECKPOINT_NAME).is_file()
         )
-        if folder is not None and not resumes[rule] and not overwrite:
-            _prepare_fresh(folder, overwrite=False)
-    if out is not None and not (resume or overwrite):
-        if (out / COMPARISON_NAME).exists():
+        if writes is not None and not resumes[rule] and not overwrite:
+            _prepare_fresh(writes / rule, overwrite=False)
+    if writes is not None and not (resume or overwrite):
+        if (writes / COMPARISON_NAME).exists():
             raise FileExistsError(
-                f"{out} already holds a comparison; pass --resume or --overwrite."
+                f"{writes} already holds a comparison; pass --resume or --overwrite."
             )
     results = {
         rule: train(cfg, resume=resumes[rule], overwrite=overwrite, quiet=quiet)
         for rule, cfg in configs.items()
     }
-    if out is not None:
-        _write_json(out / COMPARISON_NAME, comparison_rows(results))
+    if writes is not None:
+        _write_json(writes / COMPARISON_NAME, comparison_rows(results))
         if _plots_available():
             histories = {rule: r.history for rule, r in results.items()}
             title = f"{config.dataset}, seed {config.seed}"
-            plot_comparison(histories, out / COMPARISON_PLOT_NAME, title)
+            plot_comparison(histories, writes / COMPARISON_PLOT_NAME, title)
     return results
 
 

@@ -1,0 +1,42 @@
+"""What the experiment scripts share: a run through `bfx.train` that is read back
+once finished (so an interrupted sweep continues where it stopped), and the table
+cells."""
+
+import json
+import pathlib
+import statistics
+import time
+
+import bioflax_eqx as bfx
+
+
+def finished_run(config: bfx.TrainConfig, report_only: bool) -> dict:
+    """The summary of the run of `config` in `config.out`: read back if it finished
+    with `config.epochs` epochs, else trained now (from scratch)."""
+    if config.out is None:
+        raise ValueError("an experiment's runs need an output folder (`out`)")
+    summary = pathlib.Path(config.out) / "summary.json"
+    if summary.exists():
+        done = json.loads(summary.read_text())
+        if done.get("status") == "completed" and done.get("epochs") == config.epochs:
+            return done
+    if report_only:
+        raise SystemExit(f"no finished run in {config.out}")
+    start = time.perf_counter()
+    bfx.train(config, overwrite=True, quiet=True)
+    print(f"{config.out}: {time.perf_counter() - start:.0f} s", flush=True)
+    return json.loads(summary.read_text())
+
+
+def mean_std(values: list[float]) -> str:
+    """`mean ± sample standard deviation` (± 0.00 for one value), two decimals."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {std:.2f}"
+
+
+def write_report(path: str, text: str) -> None:
+    """Writes the Markdown report `text` to `path` (making its folder) and prints it."""
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
