@@ -108,7 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rules", nargs="+", default=ALL_RULES, choices=ALL_RULES)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -171,16 +171,16 @@ of the *last* epoch on the 10 000 test images, mean ± standard deviation over s
   last epoch's, with no selection on the test set. KP and WM are not in their table.
 - *δ angle*: between the rule's error signal and backprop's at the outputs of the two
   convolutions, on 1000 validation images after the last epoch.
-- Time per epoch: median over epochs, training only, on {platform.machine()} with
-  {platform.processor() or "an unnamed CPU"} (2 cores, shared with other work); the
-  runs took {total_minutes:.0f} min together.
+- Time per epoch: median over epochs, training only, on a {platform.machine()} CPU
+  with 2 cores, shared with other work; the runs took {total_minutes:.0f} min
+  together.
 
 The CIFAR-10 tables of the same paper (top-1 test error, SGD) are reproduced with the
 commands below (no run here: each needs a GPU and the data,
 `cifar-10-binary.tar.gz`). They follow biotorch's configurations except the schedule
 (cosine decay here, where biotorch divides the rate by 10 at epochs 100, 150 and 200)
-and that biases are not decayed. Note that biotorch's CIFAR "LeNet" is wider than
-LeNet-5 (convolutions of 32, 64 and 128 channels); `--model lenet` is LeNet-5 (6, 16).
+and that biases are not decayed. On CIFAR-10 `--model lenet` is biotorch's wider
+CIFAR LeNet (convolutions of 32 and 64 channels, dense 128, 84, 10), with ReLU.
 
 ```bash
 {cifar_commands()}
