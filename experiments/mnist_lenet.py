@@ -69,9 +69,14 @@ def _config(args, rule: str, seed: int) -> bfx.TrainConfig:
     )
 
 
+def _errors(runs: list[dict]) -> list[float]:
+    """The test error (%) after the last epoch of each run."""
+    return [100 * (1 - run["final"]["test_acc"]) for run in runs]
+
+
 def _row(rule: str, runs: list[dict]) -> str:
     finals = [run["final"] for run in runs]
-    error = [100 * (1 - f["test_acc"]) for f in finals]
+    error = _errors(runs)
     acc = [100 * f["test_acc"] for f in finals]
     published = BIOTORCH_MNIST.get(rule)
     gap = "—" if published is None else f"{statistics.mean(error) - published:+.2f}"
@@ -131,8 +136,7 @@ def main() -> None:
     }
     rows = [_row(rule, runs) for rule, runs in summaries.items()]
     mean_error = {
-        rule: statistics.mean(100 * (1 - r["final"]["test_acc"]) for r in runs)
-        for rule, runs in summaries.items()
+        rule: statistics.mean(_errors(runs)) for rule, runs in summaries.items()
     }
     missed = [
         f"{rule} by {mean_error[rule] - published:.2f}"

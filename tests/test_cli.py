@@ -138,28 +138,28 @@ def test_compare_prints_one_table(tmp_path, mnist_dir, capsys):
     assert main([*args, "--rules", "fa", "bp", "--resume"]) == 0
 
 
-def test_python_dash_m_help():
-    result = subprocess.run(
+@pytest.fixture(scope="module")
+def train_help() -> subprocess.CompletedProcess:
+    """`python -m bioflax_eqx train --help`, run once for the tests that read it."""
+    return subprocess.run(
         [sys.executable, "-m", "bioflax_eqx", "train", "--help"],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+def test_python_dash_m_help(train_help):
+    result = train_help
     assert result.returncode == 0, result.stderr
     for flag in ("--rule", "--dataset", "--data-dir", "--epochs", "--lr", "--out"):
         assert flag in result.stdout
     assert "--resume" in result.stdout and "--quiet" in result.stdout
 
 
-def test_every_config_field_has_an_option():
-    result = subprocess.run(
-        [sys.executable, "-m", "bioflax_eqx", "train", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+def test_every_config_field_has_an_option(train_help):
+    result = train_help
     assert result.returncode == 0, result.stderr
     help_text = " ".join(result.stdout.split())
     for field in dataclasses.fields(bfx.TrainConfig):
