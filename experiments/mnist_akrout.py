@@ -440,8 +440,8 @@ Test accuracy (%) along training, ours beside their published logs
   layer's feedback is never used). None for BP and DFA (DFA's B has another shape;
   with one hidden layer DFA is FA with its own draw of B).
 - Time per epoch: median, training only, on {platform.machine()}, 2 CPU cores shared
-  with other work (up to three runs at a time); the runs took {minutes:.0f} min
-  together.{skip_note}
+  with other work (two or three runs at a time: epochs took 1.4–2 s with one run
+  per core, 5–14 s with three); the runs took {minutes:.0f} min together.{skip_note}
 
 ## What their code does that a usual setting does not
 
