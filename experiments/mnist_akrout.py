@@ -32,7 +32,9 @@ Transport`, `run.sh`), rebuilt from bioflax_eqx's public API:
   `lr = 0.01 * 128 / 4 = 0.32` with `noise_std = 0.1 / sqrt(12)` (the uniform noise's
   standard deviation), `batch_size = 128` and `decay = 0`: their rescaling of `B`
   after the mirror rebinds a local variable and has no effect, so `B` is never
-  decayed and keeps growing.
+  decayed and keeps growing. The first layer's feedback only carries the error to
+  the pixels and never changes learning, so it is not mirrored unless
+  `--no-mirror-skip-first` is given (their code mirrors it too; 40 % faster).
 
 Every run is checkpointed in `runs/mnist_akrout/` (params and history); a later call
 with more epochs continues it, and `--report-only` rewrites the table from disk.
@@ -285,9 +287,12 @@ def _run(args, data, rule: str, seed: int) -> dict:
     history = {"rule": rule, "seed": seed, "lr": lr, "epochs": 0, "test_acc": []}
     history.update(times=[], shuffle=args.shuffle, bias_lr_scale=args.bias_lr_scale)
     history.update(loss=args.loss, init=args.init)
+    if rule == "wm":
+        history.update(mirror_skip_first=args.mirror_skip_first)
     if history_path.exists():
         saved = json.loads(history_path.read_text())
         keys = ("lr", "shuffle", "bias_lr_scale", "loss", "init")
+        keys += ("mirror_skip_first",) if rule == "wm" else ()
         if any(saved.get(k, history[k]) != history[k] for k in keys):
             raise SystemExit(f"{out} holds a run with other settings; pass --runs")
         if saved["epochs"] <= args.epochs:
@@ -342,10 +347,21 @@ def _run(args, data, rule: str, seed: int) -> dict:
     return history
 
 
+def _furthest(histories: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """For each rule, the runs that got furthest (a budget cut short can leave some
+    seeds behind): every row and curve then compares seeds at the same epoch."""
+    out = {}
+    for rule, runs in histories.items():
+        furthest = max(r["epochs"] for r in runs)
+        if furthest:
+            out[rule] = [r for r in runs if r["epochs"] == furthest]
+    return out
+
+
 FINAL_HEADER = (
-    "| rule | lr | epochs | test accuracy (%) | published (400 epochs) "
+    "| rule | lr | epochs | seeds | test accuracy (%) | published (400 epochs) "
     "| ours − theirs, same epoch | δ angle, hidden (°) | W–Bᵀ angle, output layer (°) "
-    "| s / epoch |\n" + "| --- " * 9 + "|"
+    "| s / epoch |\n" + "| --- " * 10 + "|"
 )
 
 
@@ -363,7 +379,8 @@ def _final_rows(histories: dict[str, list[dict]]) -> list[str]:
             weight = mean_std([r["angles"]["weight_angle/1"] for r in runs])
         times = [t for r in runs for t in r["times"]]
         rows.append(
-            f"| {rule} | {runs[0]['lr']} | {epochs} | {mean_std(acc)} "
+            f"| {rule} | {runs[0]['lr']} | {epochs} "
+            f"| {' '.join(str(r['seed']) for r in runs)} | {mean_std(acc)} "
             f"| {'—' if published is None else f'{published:.2f}'} | {gap} "
             f"| {mean_std(delta)} | {weight} | {statistics.median(times):.1f} |"
         )
@@ -392,15 +409,24 @@ def _report(args, histories: dict[str, list[dict]]) -> str:
     seeds = sorted({r["seed"] for runs in histories.values() for r in runs})
     minutes = sum(sum(r["times"]) for rs in histories.values() for r in rs) / 60
     order = "reshuffled every epoch" if args.shuffle else "in file order every epoch"
-    budgets = ", ".join(
-        f"{rule} {min(r['epochs'] for r in runs)}" for rule, runs in histories.items()
+    full = all(
+        len(runs) == len(args.seeds) and runs[0]["epochs"] == args.epochs
+        for runs in histories.values()
+    )
+    budget = (
+        f"All {len(histories)} rules, seeds {', '.join(map(str, seeds))}, "
+        f"{args.epochs} epochs each."
+        if full
+        else "**Budget run** (see the *epochs* and *seeds* columns): not every rule "
+        f"has all of seeds {', '.join(map(str, args.seeds))} at {args.epochs} epochs."
     )
     curve_head, curve = _curve_rows(histories)
     skip_note = (
-        " WM ran with `--mirror-skip-first` (the first layer's feedback, which only"
-        " carries the error to the pixels, not mirrored: no effect on learning)."
+        " WM's first layer's feedback, which only carries the error to the pixels,"
+        " is not mirrored (no effect on learning; `--no-mirror-skip-first` mirrors"
+        " it)."
         if args.mirror_skip_first
-        else ""
+        else " WM ran with `--no-mirror-skip-first` (every layer mirrored)."
     )
     return f"""# Akrout et al. (2019)'s MNIST setting, every rule
 
@@ -415,7 +441,7 @@ at {args.bias_lr_scale:g} × the learning rate, as in their code), batch 128, al
 batch (plus 468 before training), 128 Gaussian noise vectors of standard deviation
 0.1/√12, `bfx.mirror` rate 0.32, no decay of B.
 
-**Budget run: seed(s) {", ".join(map(str, seeds))}; epochs per rule: {budgets}.**
+{budget}
 Their published figures are one run each (NumPy seed 1111), 400 epochs. Test
 accuracy after the last epoch on the 10 000 test images, mean ± standard deviation
 over the seeds (± 0.00 with one seed).
@@ -496,7 +522,8 @@ def main() -> None:
     parser.add_argument("--init", choices=["akrout", "library"], default="akrout")
     parser.add_argument(
         "--mirror-skip-first",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="WM: do not mirror the first layer (no effect on learning, 40%% faster)",
     )
     parser.add_argument("--save-every", type=int, default=5)
@@ -513,10 +540,7 @@ def main() -> None:
         rule: [_run(args, data, rule, seed) for seed in args.seeds]
         for rule in args.rules
     }
-    histories = {
-        rule: runs for rule, runs in histories.items() if all(r["epochs"] for r in runs)
-    }
-    text = _report(args, histories)
+    text = _report(args, _furthest(histories))
     write_report(args.results, text)
 
 
