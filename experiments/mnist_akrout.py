@@ -409,7 +409,7 @@ def _report(args, histories: dict[str, list[dict]]) -> str:
     seeds = sorted({r["seed"] for runs in histories.values() for r in runs})
     minutes = sum(sum(r["times"]) for rs in histories.values() for r in rs) / 60
     order = "reshuffled every epoch" if args.shuffle else "in file order every epoch"
-    full = all(
+    full = len(histories) == len(args.rules) and all(
         len(runs) == len(args.seeds) and runs[0]["epochs"] == args.epochs
         for runs in histories.values()
     )
@@ -428,6 +428,7 @@ def _report(args, histories: dict[str, list[dict]]) -> str:
         if args.mirror_skip_first
         else " WM ran with `--no-mirror-skip-first` (every layer mirrored)."
     )
+    skip_note = skip_note if "wm" in histories else ""
     return f"""# Akrout et al. (2019)'s MNIST setting, every rule
 
 Produced by `python experiments/mnist_akrout.py --data-dir DIR` (400 epochs, seeds
@@ -466,8 +467,8 @@ Test accuracy (%) along training, ours beside their published logs
   layer's feedback is never used). None for BP and DFA (DFA's B has another shape;
   with one hidden layer DFA is FA with its own draw of B).
 - Time per epoch: median, training only, on {platform.machine()}, 2 CPU cores shared
-  with other work (two or three runs at a time: epochs took 1.4–2 s with one run
-  per core, 5–14 s with three); the runs took {minutes:.0f} min together.{skip_note}
+  with other work (up to three runs at a time, so the medians mix one run per
+  core with more); the runs took {minutes:.0f} min together.{skip_note}
 
 ## What their code does that a usual setting does not
 
