@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import bioflax_eqx as bfx
-from bioflax_eqx.training import _checkpoint
+from bioflax_eqx.training import _checkpoint, _run
 from bioflax_eqx.training._cli import main
 
 from .test_train import SMALL
@@ -82,6 +82,54 @@ def test_refusals_and_damaged_checkpoints(tmp_path, mnist_dir, capsys):
     assert (out / "checkpoint.eqx").read_bytes() != written["checkpoint.eqx"][:1000]
 
 
+def test_a_run_that_failed_before_any_checkpoint_does_not_block_a_fresh_one(
+    tmp_path, mnist_dir, capsys
+):
+    out, missing = tmp_path / "run", tmp_path / "no-data-here"
+    assert main(_args(out, missing, epochs=1)) == 1
+    assert "MNIST files missing" in capsys.readouterr().err
+    # Nothing was written, and the folder the loader made to download into is gone.
+    assert not out.exists() and not missing.exists()
+    # A run stopped before its first checkpoint left only config.json: still free.
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    assert main(_args(out, mnist_dir, epochs=1)) == 0
+    assert json.loads((out / "config.json").read_text())["epochs"] == 1
+    assert len(_metrics(out)) == 1
+
+
+def test_an_interrupt_says_what_it_kept(tmp_path, mnist_dir, capsys, monkeypatch):
+    evaluate = _run._evaluate
+    calls = []
+
+    def interrupted_in_epoch(epoch):
+        def fake(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == epoch:
+                raise KeyboardInterrupt
+            return evaluate(*args, **kwargs)
+
+        return fake
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(_run, "_evaluate", interrupted_in_epoch(1))
+    assert main(_args(out, mnist_dir, epochs=2)) == 130
+    err = capsys.readouterr().err
+    assert "no epoch had finished, so no checkpoint was written" in err
+    assert "checkpoint kept" not in err and not (out / "checkpoint.eqx").exists()
+
+    # The same command again starts afresh; stopped in epoch 2, it keeps epoch 1.
+    calls.clear()
+    monkeypatch.setattr(_run, "_evaluate", interrupted_in_epoch(2))
+    assert main(_args(out, mnist_dir, epochs=2)) == 130
+    assert f"checkpoint kept: {out} at epoch 1 (--resume" in capsys.readouterr().err
+    monkeypatch.setattr(_run, "_evaluate", evaluate)
+    resume = ["train", "--out", str(out), "--resume"]
+    assert main(resume) == 0
+    assert f"resuming {out} from epoch 1." in capsys.readouterr().err
+    assert [r["epoch"] for r in _metrics(out)] == [1, 2]
+
+
 @pytest.mark.parametrize(
     "flag, value, message",
     [
@@ -129,6 +177,8 @@ def test_compare_prints_one_table(tmp_path, mnist_dir, capsys):
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["rule", "test", "acc"]
     assert [line.split()[0] for line in table[2:4]] == ["fa", "bp"]
+    # Under the table, what its angle columns are.
+    assert table[4].startswith("Angles in degrees") and "∠(W,B), each" in table[6]
     rows = json.loads((tmp_path / "comparison.json").read_text())
     assert [row["rule"] for row in rows] == ["fa", "bp"]
     assert rows[1]["grad_angle"] == 0.0 and rows[1]["weight_angles"] == [None, None]

@@ -13,7 +13,7 @@ import jax
 
 from .._data import DataNotFoundError
 from .._rules import RULES
-from ._checkpoint import CheckpointError
+from ._checkpoint import CheckpointError, read_header
 from ._config import ConfigError, TrainConfig, field_type
 from ._run import (
     CONFIG_NAME,
@@ -188,6 +188,16 @@ def _angles(values: list[float | None]) -> str:
     return "/".join(_fmt(v, ".0f") for v in values)
 
 
+# What the table's angle columns are (in full on the docs' Training page, Metrics).
+_ANGLES_NOTE = (
+    "Angles in degrees at the last epoch (0 aligned, 90 unrelated): ∠grad, the "
+    "rule's\nweight update against backprop's gradient, all layers; ∠δ, each "
+    "layer's error\nsignal against backprop's, from the input; ∠(W,B), each layer's "
+    "forward weights\nagainst its feedback. See the Metrics section of the docs' "
+    "Training page."
+)
+
+
 def format_table(results: dict[str, TrainResult]) -> str:
     """The comparison as a plain-text table."""
     header = [
@@ -216,6 +226,7 @@ def format_table(results: dict[str, TrainResult]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(_ANGLES_NOTE)
     return "\n".join(lines)
 
 
@@ -230,6 +241,29 @@ def _report(result: TrainResult) -> str:
     if final.get("grad_angle/global") is not None:
         parts.append(f"∠grad {final['grad_angle/global']:.1f}°")
     return ", ".join(parts) + f"; written to {result.config.out}"
+
+
+def _kept(config: TrainConfig, command: str) -> str:
+    """What an interrupted run left in `config.out`, for the message."""
+    if config.out is None or not is_primary():
+        return "nothing was written."
+    out = pathlib.Path(config.out)
+    folders = [out]
+    if command == "compare":
+        folders = sorted(p for p in out.iterdir() if p.is_dir()) if out.is_dir() else []
+    kept = []
+    for folder in folders:
+        try:
+            header, _ = read_header(folder)
+        except CheckpointError:
+            continue
+        kept.append(f"{folder} at epoch {header['epoch']}")
+    if not kept:
+        return (
+            "no epoch had finished, so no checkpoint was written: the same command "
+            "starts afresh."
+        )
+    return f"checkpoint kept: {', '.join(kept)} (--resume continues from there)."
 
 
 def _initialize_distributed(args: argparse.Namespace) -> None:
@@ -297,8 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print(
-            "bioflax-eqx: interrupted; the last checkpoint is kept (--resume).",
-            file=sys.stderr,
+            f"bioflax-eqx: interrupted; {_kept(config, args.command)}", file=sys.stderr
         )
         return 130
     return 0

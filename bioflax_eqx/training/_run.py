@@ -8,6 +8,7 @@ devices it runs on (data-parallel over a mesh of them, with JAX's sharding).
 """
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -29,7 +30,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from .._convert import convert, linear_layers
-from .._data import Dataset, augment_images, load_dataset, sine, teacher_student
+from .._data import (
+    DataNotFoundError,
+    Dataset,
+    augment_images,
+    load_dataset,
+    sine,
+    teacher_student,
+)
 from .._dfa import DFA
 from .._metrics import alignment_metrics
 from .._optim import decay_mask, feedback_labels, freeze_feedback, trainable
@@ -182,14 +190,23 @@ def _progress(config: TrainConfig, initial: int, quiet: bool):
 def _load_data(config: TrainConfig, key: PRNGKeyArray) -> Dataset:
     n_train, n_val, n_test = config.split_sizes
     if config.dataset in IMAGE_SIZES:
-        return load_dataset(
-            config.dataset,
-            config.data_dir,
-            val_size=n_val,
-            key=key,
-            limit=config.limit,
-            dtype=jnp.float32,
-        )
+        folder = None if config.data_dir is None else pathlib.Path(config.data_dir)
+        existed = folder is None or folder.exists()
+        try:
+            return load_dataset(
+                config.dataset,
+                config.data_dir,
+                val_size=n_val,
+                key=key,
+                limit=config.limit,
+                dtype=jnp.float32,
+            )
+        except DataNotFoundError:
+            # The loader made the folder to download into: leave no empty one.
+            if folder is not None and not existed:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
     if config.dataset == "teacher_student":
         in_size, out_size, width, depth = TEACHER
         return teacher_student(
@@ -641,7 +658,9 @@ def _write_history(out: pathlib.Path, history: list[dict[str, Any]]) -> None:
 
 
 def _has_run(folder: pathlib.Path) -> bool:
-    return any((folder / name).exists() for name in _RUN_FILES)
+    # config.json alone is a run stopped before its first checkpoint: nothing to
+    # resume, so a fresh run may replace it.
+    return any((folder / name).exists() for name in _RUN_FILES if name != CONFIG_NAME)
 
 
 def _prepare_fresh(out: pathlib.Path, overwrite: bool) -> None:
@@ -810,7 +829,8 @@ def train(
         bit-identical to one that was never interrupted on the same number of
         devices (on another, equal up to the order of the gradient sums).
     - `overwrite`: replace a run already in `config.out`; without it (or `resume`)
-        such a folder is refused.
+        such a folder is refused. A folder holding only `config.json` (a run
+        stopped before its first checkpoint) holds no run.
     - `quiet`: no progress bar.
     - `callback`: called with each epoch's metrics after its checkpoint is written.
 
@@ -878,14 +898,22 @@ def _run(
         elapsed = float(header["elapsed_s"])
         if writes is not None:
             _write_history(writes, history)
+            if not quiet:
+                print(
+                    f"bioflax-eqx: resuming {out} from epoch {len(history)}.",
+                    file=sys.stderr,
+                )
     start = len(history)
+    if start == config.epochs:  # resuming a finished run
+        if writes is not None:
+            _write_json(writes / CONFIG_NAME, config.to_dict())
+        return _finish(config, writes, eqx.combine(params, static), state, history)
+
+    # Before anything is written: a missing data set leaves no folder behind.
+    data = _load_data(config, data_key)
     if writes is not None:
         writes.mkdir(parents=True, exist_ok=True)
         _write_json(writes / CONFIG_NAME, config.to_dict())
-    if start == config.epochs:  # resuming a finished run
-        return _finish(config, writes, eqx.combine(params, static), state, history)
-
-    data = _load_data(config, data_key)
     if (data.n_features, data.n_outputs) != (
         io_shapes(config)[0][0],
         io_shapes(config)[1],
