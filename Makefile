@@ -21,19 +21,20 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pyright
 
-# The docs tests build the site strictly (MathJax fetched once from npm). Then, as a
-# step of its own, every notebook runs top to bottom in small-data mode (nbclient).
+# The docs tests build the site strictly (MathJax copied from a package of the docs
+# extra). Then, as a step of its own, every notebook runs top to bottom in small-data
+# mode (nbclient).
 test: lint
-	bash docs/fetch_assets.sh
+	PYTHON=$(PYTHON) bash docs/fetch_assets.sh
 	BIOFLAX_EQX_DOCS=1 $(PYTHON) -m pytest
 	BIOFLAX_EQX_NOTEBOOKS=1 $(PYTHON) -m pytest tests/notebooks -k runs_top_to_bottom
 
 docs: $(STAMP)
-	bash docs/fetch_assets.sh
+	PYTHON=$(PYTHON) bash docs/fetch_assets.sh
 	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict
 
 docs-serve: $(STAMP)
-	bash docs/fetch_assets.sh
+	PYTHON=$(PYTHON) bash docs/fetch_assets.sh
 	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs serve --dev-addr 127.0.0.1:8000
 
 clean:
