@@ -117,7 +117,11 @@ def main() -> None:
         )
     total_minutes = sum(r["total_time_s"] for rs in summaries.values() for r in rs) / 60
     hidden = " ".join(["784"] + [str(args.width)] * args.depth + ["10"])
-    text = f"""# MNIST, fully connected: every rule, {args.seeds} seeds
+    # The rules of the sweep, in order, for the title (not every rule: no WM, KP
+    # only with momentum).
+    names = list(dict.fromkeys(rule for _, rules in DEFAULT_SWEEP for rule in rules))
+    ruled = ", ".join(names[:-1]) + " and " + names[-1]
+    text = f"""# MNIST, fully connected: {ruled}, {args.seeds} seeds
 
 Produced by `python experiments/mnist_mlp.py --data-dir DIR` (this file is rewritten
 by it). Network {hidden} (ReLU), batch {args.batch_size}, {args.epochs} epochs, cosine

@@ -48,7 +48,14 @@ _STYLE = """\
   background-color: transparent;
   border-left: 0.2rem solid var(--md-default-fg-color--lighter);
 }
+/* Code cells wrap their long lines rather than hide them past the column's edge. */
+.md-typeset .nb-code pre > code {
+  white-space: pre-wrap;
+  overflow-wrap: anywhere;
+}
 """
+# Notebook pages leave out the table of contents: their code and plots get its width.
+_FRONT_MATTER = "---\nhide:\n  - toc\n---\n\n"
 
 
 def _fence(text: str, lang: str) -> str:
@@ -108,9 +115,9 @@ def render(notebook: dict, name: str) -> tuple[str, dict[str, bytes]]:
                 )
         elif cell["cell_type"] == "code":
             if source:
-                parts.append(_fence(source, "python"))
+                parts.append(_fence(source, "{.python .nb-code}"))
             parts += _outputs(cell.get("outputs", []), f"cell{index}", images, name)
-    return "\n".join(parts), images
+    return _FRONT_MATTER + "\n".join(parts), images
 
 
 def on_config(config: MkDocsConfig) -> MkDocsConfig:
