@@ -1,16 +1,6 @@
 """Equinox layers for learning without weight transport."""
 
 from ._convert import convert as convert
-from ._data import (
-    DataNotFoundError as DataNotFoundError,
-    Dataset as Dataset,
-    Split as Split,
-    augment_images as augment_images,
-    epoch_batches as epoch_batches,
-    load_dataset as load_dataset,
-    sine as sine,
-    teacher_student as teacher_student,
-)
 from ._dfa import (
     DFA as DFA,
     DFAFeedback as DFAFeedback,
@@ -44,6 +34,16 @@ from ._rules import (
     AbstractFeedback as AbstractFeedback,
     AbstractRule as AbstractRule,
     mirror as mirror,
+)
+from .data import (
+    DataNotFoundError as DataNotFoundError,
+    Dataset as Dataset,
+    Split as Split,
+    augment_images as augment_images,
+    epoch_batches as epoch_batches,
+    load_dataset as load_dataset,
+    sine as sine,
+    teacher_student as teacher_student,
 )
 from .training import (
     CheckpointError as CheckpointError,

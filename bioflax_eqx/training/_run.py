@@ -29,11 +29,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from .._convert import convert, linear_layers
-from .._data import Dataset, augment_images, load_dataset, sine, teacher_student
 from .._dfa import DFA
 from .._metrics import alignment_metrics
 from .._optim import decay_mask, feedback_labels, freeze_feedback, trainable
 from .._rules import RULES, WM, WRAPPERS, AbstractFeedback, AbstractRule, mirror
+from ..data import Dataset, augment_images, load_dataset, sine, teacher_student
 from ._checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
