@@ -13,7 +13,7 @@ dense layer the papers' `B` (shape of `Wᵀ`) is `feedback.T`.
 import abc
 import math
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, Generic, TypeVar
 
 import equinox as eqx
 import jax
@@ -25,6 +25,11 @@ from ._feedback import reroute, tie
 from ._kernels import uniform as fused_uniform
 from ._misc import check_scale, uniform
 
+
+# The wrapped layer's type, as in `eqx.nn.WeightNorm`: any block for DFA, a layer
+# linear in its input for a rule.
+_Wrapped = TypeVar("_Wrapped")
+_Layer = TypeVar("_Layer", bound=eqx.Module)
 
 RULES: tuple[str, ...] = ("bp", "fa", "kp", "wm", "dfa", "usf", "brsf", "frsf")
 
@@ -104,7 +109,24 @@ class AbstractFeedback(eqx.Module):
     trains_feedback: eqx.AbstractClassVar[bool]
 
 
-class AbstractRule(AbstractFeedback):
+class AbstractWrapper(AbstractFeedback, Generic[_Wrapped]):
+    """Feedback around a wrapped layer or block, `layer`, whose type it carries
+    (`FA[eqx.nn.Linear]`), as `eqx.nn.WeightNorm` does."""
+
+    layer: eqx.AbstractVar[_Wrapped]
+
+    @property
+    def weight(self) -> Float[Array, "..."]:
+        """The wrapped layer's weight."""
+        return self.layer.weight  # pyright: ignore[reportAttributeAccessIssue]
+
+    @property
+    def bias(self) -> Float[Array, "..."] | None:
+        """The wrapped layer's bias, or `None`."""
+        return getattr(self.layer, "bias", None)
+
+
+class AbstractRule(AbstractWrapper[_Layer]):
     """A layer `y = op(W, x) + b`, linear in its input, whose backward pass sends the
     error to its input through feedback weights `B` instead of `W`.
 
@@ -122,7 +144,7 @@ class AbstractRule(AbstractFeedback):
     example; batch with `jax.vmap`.
     """
 
-    layer: eqx.AbstractVar[eqx.Module]
+    layer: eqx.AbstractVar[_Layer]
     # `B` in the weight's layout: a field, or for sign symmetry a property derived
     # from `W` (brSF: its expected value).
     feedback: eqx.AbstractVar[Float[Array, "..."]]
@@ -143,16 +165,6 @@ class AbstractRule(AbstractFeedback):
         `B`, of the shape of the wrapped layer's `weight`.
         """
 
-    @property
-    def weight(self) -> Float[Array, "..."]:
-        """The wrapped layer's weight."""
-        return self.layer.weight  # pyright: ignore[reportAttributeAccessIssue]
-
-    @property
-    def bias(self) -> Float[Array, "..."] | None:
-        """The wrapped layer's bias, or `None`."""
-        return getattr(self.layer, "bias", None)
-
     def __call__(
         self, x: Float[Array, "..."], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "..."]:
@@ -169,14 +181,16 @@ class AbstractRule(AbstractFeedback):
         """
         name = type(self).__name__
         check_linear_input(self.layer, x, name)
-        feedback = self.feedback_weight(key=key)
-        # Also catches feedback replaced by tree surgery, which skips __check_init__.
-        check_feedback("feedback", feedback, self.weight)
-        layer = self.layer
-        if self.trains_feedback:
-            layer = with_weight(layer, tie(self.weight, self.feedback))
-        output = layer(lax.stop_gradient(x))  # pyright: ignore[reportCallIssue]
-        return reroute(output, x, fixed(with_weight(self.layer, feedback)))
+        # The rule's name in the HLO and in profiles, as `eqx.nn.WeightNorm` does.
+        with jax.named_scope(f"bfx.{name}"):
+            feedback = self.feedback_weight(key=key)
+            # Also catches feedback replaced by tree surgery (no __check_init__).
+            check_feedback("feedback", feedback, self.weight)
+            layer = self.layer
+            if self.trains_feedback:
+                layer = with_weight(layer, tie(self.weight, self.feedback))
+            output = layer(lax.stop_gradient(x))  # pyright: ignore[reportCallIssue]
+            return reroute(output, x, fixed(with_weight(self.layer, feedback)))
 
 
 def _draw(layer: eqx.Module, name: str, scale: float, key: PRNGKeyArray) -> Array:
@@ -188,12 +202,80 @@ def _draw(layer: eqx.Module, name: str, scale: float, key: PRNGKeyArray) -> Arra
     return uniform(key, weight.shape, scale / math.sqrt(fan_in(weight)), weight.dtype)
 
 
-def _check_drawn(rule: AbstractRule, name: str, field: str) -> None:
+def _check_drawn(rule: AbstractRule, field: str) -> None:
+    name = type(rule).__name__
     check_layer(rule.layer, name)
     check_feedback(field, getattr(rule, field), rule.weight)
 
 
-class FA(AbstractRule):
+class AbstractStoredRule(AbstractRule[_Layer]):
+    """A rule whose feedback `B` is an array of its own, drawn at construction like
+    the weight and then fixed (FA), trained (KP) or mirrored (WM)."""
+
+    layer: _Layer
+    feedback: Float[Array, "..."]
+
+    def __init__(
+        self, layer: _Layer, *, feedback_scale: float = 1.0, key: PRNGKeyArray
+    ):
+        """**Arguments:**
+
+        - `layer`: the layer to wrap, e.g. `eqx.nn.Linear` or `eqx.nn.Conv2d`.
+        - `feedback_scale`: `B` is drawn from `U(-s/√fan_in, s/√fan_in)` with
+            `s = feedback_scale` (an independent draw from Equinox's initialisation
+            of the weight, `fan_in` = the size of every weight axis but the first).
+        - `key`: a `jax.random.PRNGKey` for `B`.
+        """
+        self.feedback = _draw(layer, type(self).__name__, feedback_scale, key)
+        self.layer = layer
+
+    def __check_init__(self):
+        _check_drawn(self, "feedback")
+
+    def feedback_weight(
+        self, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "..."]:
+        return self.feedback
+
+
+class AbstractScaledSignRule(AbstractRule[_Layer]):
+    """A sign-concordant rule with nothing stored: `B` follows `sign(W)` on every
+    call, times a fixed `scale = feedback_scale / √(fan_in_factor · fan_in)`."""
+
+    layer: _Layer
+    scale: float = eqx.field(static=True)
+    # The default scale's variance factor: 3 for the std of Equinox's initial
+    # weights (uSF), 1 for their bound (brSF).
+    fan_in_factor: eqx.AbstractClassVar[int]
+
+    def __init__(
+        self,
+        layer: _Layer,
+        *,
+        feedback_scale: float = 1.0,
+        key: PRNGKeyArray | None = None,
+    ):
+        """**Arguments:**
+
+        - `layer`: the layer to wrap.
+        - `feedback_scale`: multiplies the default scale.
+        - `key`: unused (nothing is drawn here); accepted so that every rule is
+            built alike.
+        """
+        del key
+        check_layer(layer, type(self).__name__)
+        check_scale("feedback_scale", feedback_scale)
+        self.layer = layer
+        self.scale = feedback_scale / math.sqrt(
+            self.fan_in_factor * fan_in(self.weight)
+        )
+
+    def __check_init__(self):
+        check_layer(self.layer, type(self).__name__)
+        check_scale("scale", self.scale)
+
+
+class FA(AbstractStoredRule[_Layer]):
     """Feedback Alignment (Lillicrap et al. 2016).
 
     The error reaches the layer's input through fixed random weights:
@@ -209,34 +291,12 @@ class FA(AbstractRule):
     moves it.
     """
 
-    layer: eqx.Module
-    feedback: Float[Array, "..."]
+    # The base's own: a type checker would otherwise synthesise a dataclass one.
+    __init__ = AbstractStoredRule.__init__
     trains_feedback: ClassVar[bool] = False
 
-    def __init__(
-        self, layer: eqx.Module, *, feedback_scale: float = 1.0, key: PRNGKeyArray
-    ):
-        """**Arguments:**
 
-        - `layer`: the layer to wrap, e.g. `eqx.nn.Linear` or `eqx.nn.Conv2d`.
-        - `feedback_scale`: `B` is drawn from `U(-s/√fan_in, s/√fan_in)` with
-            `s = feedback_scale` (an independent draw from Equinox's initialisation
-            of the weight, `fan_in` = the size of every weight axis but the first).
-        - `key`: a `jax.random.PRNGKey` for `B`.
-        """
-        self.feedback = _draw(layer, "FA", feedback_scale, key)
-        self.layer = layer
-
-    def __check_init__(self):
-        _check_drawn(self, "FA", "feedback")
-
-    def feedback_weight(
-        self, *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "..."]:
-        return self.feedback
-
-
-class KP(AbstractRule):
+class KP(AbstractStoredRule[_Layer]):
     """Kolen-Pollack (Kolen & Pollack 1994; Akrout et al. 2019).
 
     As Feedback Alignment, but `B` receives the weight's own update:
@@ -251,27 +311,12 @@ class KP(AbstractRule):
     [`bioflax_eqx.decay_mask`][], which includes `feedback` for this layer.
     """
 
-    layer: eqx.Module
-    feedback: Float[Array, "..."]
+    # The base's own: a type checker would otherwise synthesise a dataclass one.
+    __init__ = AbstractStoredRule.__init__
     trains_feedback: ClassVar[bool] = True
 
-    def __init__(
-        self, layer: eqx.Module, *, feedback_scale: float = 1.0, key: PRNGKeyArray
-    ):
-        """**Arguments:** as [`bioflax_eqx.FA`][]."""
-        self.feedback = _draw(layer, "KP", feedback_scale, key)
-        self.layer = layer
 
-    def __check_init__(self):
-        _check_drawn(self, "KP", "feedback")
-
-    def feedback_weight(
-        self, *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "..."]:
-        return self.feedback
-
-
-class USF(AbstractRule):
+class USF(AbstractScaledSignRule[_Layer]):
     """Uniform sign-concordant feedback, uSF (Liao, Leibo & Poggio 2016; named as in
     Sanfiz & Akrout 2021).
 
@@ -283,33 +328,10 @@ class USF(AbstractRule):
     \\mathrm{fan\\_in}}$, times `feedback_scale`. Nothing in $B$ is learned or stored.
     """
 
-    layer: eqx.Module
-    scale: float = eqx.field(static=True)
+    # The base's own: a type checker would otherwise synthesise a dataclass one.
+    __init__ = AbstractScaledSignRule.__init__
     trains_feedback: ClassVar[bool] = False
-
-    def __init__(
-        self,
-        layer: eqx.Module,
-        *,
-        feedback_scale: float = 1.0,
-        key: PRNGKeyArray | None = None,
-    ):
-        """**Arguments:**
-
-        - `layer`: the layer to wrap.
-        - `feedback_scale`: multiplies the default scale `1/√(3·fan_in)`.
-        - `key`: unused (nothing is drawn); accepted so that every rule is built
-            alike.
-        """
-        del key
-        check_layer(layer, "USF")
-        check_scale("feedback_scale", feedback_scale)
-        self.layer = layer
-        self.scale = feedback_scale / math.sqrt(3 * fan_in(self.weight))
-
-    def __check_init__(self):
-        check_layer(self.layer, "USF")
-        check_scale("scale", self.scale)
+    fan_in_factor: ClassVar[int] = 3
 
     @property
     def feedback(self) -> Float[Array, "..."]:
@@ -321,7 +343,7 @@ class USF(AbstractRule):
         return self.feedback
 
 
-class FRSF(AbstractRule):
+class FRSF(AbstractRule[_Layer]):
     """Fixed random-magnitude sign-concordant feedback, frSF (Sanfiz & Akrout 2021).
 
     $$B = |B_0| \\circ \\operatorname{sign}(W),$$
@@ -330,12 +352,12 @@ class FRSF(AbstractRule):
     feedback and never trained; the signs follow the current $W$ on every call.
     """
 
-    layer: eqx.Module
+    layer: _Layer
     magnitude: Float[Array, "..."]
     trains_feedback: ClassVar[bool] = False
 
     def __init__(
-        self, layer: eqx.Module, *, feedback_scale: float = 1.0, key: PRNGKeyArray
+        self, layer: _Layer, *, feedback_scale: float = 1.0, key: PRNGKeyArray
     ):
         """**Arguments:** as [`bioflax_eqx.FA`][]; `magnitude` is drawn as FA's
         `feedback`."""
@@ -343,7 +365,7 @@ class FRSF(AbstractRule):
         self.layer = layer
 
     def __check_init__(self):
-        _check_drawn(self, "FRSF", "magnitude")
+        _check_drawn(self, "magnitude")
 
     @property
     def feedback(self) -> Float[Array, "..."]:
@@ -357,7 +379,7 @@ class FRSF(AbstractRule):
         return self.feedback
 
 
-class BRSF(AbstractRule):
+class BRSF(AbstractScaledSignRule[_Layer]):
     """Batchwise random-magnitude sign-concordant feedback, brSF (Sanfiz & Akrout
     2021).
 
@@ -373,28 +395,10 @@ class BRSF(AbstractRule):
     \\operatorname{sign}(W)$.
     """
 
-    layer: eqx.Module
-    scale: float = eqx.field(static=True)
+    # The base's own: a type checker would otherwise synthesise a dataclass one.
+    __init__ = AbstractScaledSignRule.__init__
     trains_feedback: ClassVar[bool] = False
-
-    def __init__(
-        self,
-        layer: eqx.Module,
-        *,
-        feedback_scale: float = 1.0,
-        key: PRNGKeyArray | None = None,
-    ):
-        """**Arguments:** as [`bioflax_eqx.USF`][]; `M` is drawn on every call from
-        `U(-s/√fan_in, s/√fan_in)` with `s = feedback_scale`."""
-        del key
-        check_layer(layer, "BRSF")
-        check_scale("feedback_scale", feedback_scale)
-        self.layer = layer
-        self.scale = feedback_scale / math.sqrt(fan_in(self.weight))
-
-    def __check_init__(self):
-        check_layer(self.layer, "BRSF")
-        check_scale("scale", self.scale)
+    fan_in_factor: ClassVar[int] = 1
 
     @property
     def feedback(self) -> Float[Array, "..."]:
@@ -413,7 +417,7 @@ class BRSF(AbstractRule):
         return jnp.abs(magnitude) * jnp.sign(self.weight)
 
 
-class WM(AbstractRule):
+class WM(AbstractStoredRule[_Layer]):
     """Weight mirror (Akrout, Wilson, Humphreys, Lillicrap & Tweed 2019).
 
     The learning phase is Feedback Alignment's with the current `B`:
@@ -433,24 +437,9 @@ class WM(AbstractRule):
     receives no gradient from the loss: mask it out of the optimiser like FA's.
     """
 
-    layer: eqx.Module
-    feedback: Float[Array, "..."]
+    # The base's own: a type checker would otherwise synthesise a dataclass one.
+    __init__ = AbstractStoredRule.__init__
     trains_feedback: ClassVar[bool] = False
-
-    def __init__(
-        self, layer: eqx.Module, *, feedback_scale: float = 1.0, key: PRNGKeyArray
-    ):
-        """**Arguments:** as [`bioflax_eqx.FA`][]: `B` starts as FA's random draw."""
-        self.feedback = _draw(layer, "WM", feedback_scale, key)
-        self.layer = layer
-
-    def __check_init__(self):
-        _check_drawn(self, "WM", "feedback")
-
-    def feedback_weight(
-        self, *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "..."]:
-        return self.feedback
 
     def mirrored(
         self,
