@@ -28,8 +28,9 @@ from equinox.nn import State, StatefulLayer
 from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._checks import check_positive_int, check_positive_number
 from ._feedback import close, direct_feedback, open_channel
-from ._misc import check_positive, check_scale, default_floating_dtype, uniform
+from ._misc import default_floating_dtype, uniform
 from ._rules import AbstractFeedback, AbstractWrapper
 
 
@@ -56,7 +57,7 @@ def open_error_channel(
 
     A zero vector of shape `(error_features,)`.
     """
-    check_positive(error_features=error_features)
+    check_positive_int(error_features=error_features)
     if dtype is None:
         x_float = jnp.issubdtype(x.dtype, jnp.floating)
         dtype = x.dtype if x_float else default_floating_dtype()
@@ -89,7 +90,7 @@ def close_error_channel(
 
 def _shape(shape: int | Sequence[int], name: str) -> tuple[int, ...]:
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    check_positive(**{f"{name}[{i}]": n for i, n in enumerate(shape)})
+    check_positive_int(**{f"{name}[{i}]": n for i, n in enumerate(shape)})
     return shape
 
 
@@ -98,8 +99,8 @@ def _init_feedback(
 ) -> Array:
     """`B ~ U(-s/√size, s/√size)` of shape `(*shape, error_features)`, `size` the
     number of entries of the activation it feeds."""
-    check_positive(error_features=error_features)
-    check_scale("feedback_scale", scale)
+    check_positive_int(error_features=error_features)
+    check_positive_number(feedback_scale=scale)
     bound = scale / math.sqrt(math.prod(shape))
     return uniform(key, (*shape, error_features), bound, dtype)
 

@@ -21,9 +21,17 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
+from ._checks import (
+    check_feedback,
+    check_layer,
+    check_linear_input,
+    check_non_negative_number,
+    check_positive_int,
+    check_positive_number,
+)
 from ._feedback import reroute, tie
 from ._kernels import uniform as fused_uniform
-from ._misc import check_scale, uniform
+from ._misc import uniform
 
 
 # The wrapped layer's type, as in `eqx.nn.WeightNorm`: any block for DFA, a layer
@@ -43,49 +51,6 @@ def fan_in(weight: Array) -> int:
     """The fan-in of a weight stored output-first, as Equinox's `Linear` and `Conv*`
     store theirs: every axis but the first."""
     return max(math.prod(weight.shape[1:]), 1)
-
-
-def check_layer(layer: object, name: str) -> None:
-    """`layer` must be a callable Equinox module with a floating `weight` array."""
-    weight = getattr(layer, "weight", None)
-    if not isinstance(layer, eqx.Module) or not eqx.is_inexact_array(weight):
-        raise ValueError(
-            f"{name} wraps an Equinox layer with a floating-point `weight` array "
-            f"(e.g. `eqx.nn.Linear`, `eqx.nn.Conv2d`), got {type(layer).__name__}."
-        )
-
-
-def check_feedback(name: str, feedback: Array | None, weight: Array) -> None:
-    if feedback is None or feedback.shape != weight.shape:
-        got = None if feedback is None else feedback.shape
-        raise ValueError(
-            f"`{name}` must have the shape of the wrapped layer's weight, "
-            f"{weight.shape}, got {got}."
-        )
-    if feedback.dtype != weight.dtype:
-        raise ValueError(
-            f"`{name}` must have the weight's dtype {weight.dtype}, got "
-            f"{feedback.dtype}."
-        )
-
-
-def check_vector_input(x: Array, size: int, name: str) -> None:
-    """A clear error for the most common mistake: a batch passed to a per-example
-    dense layer or MLP (shapes are static, so this costs nothing after tracing)."""
-    if x.shape != (size,):
-        hint = (
-            " Layers take one example; batch with `jax.vmap`."
-            if x.ndim == 2 and x.shape[-1] == size
-            else ""
-        )
-        raise ValueError(
-            f"{name} expects an input of shape ({size},), got {x.shape}.{hint}"
-        )
-
-
-def check_linear_input(layer: object, x: Array, name: str) -> None:
-    if isinstance(layer, eqx.nn.Linear) and layer.in_features != "scalar":
-        check_vector_input(x, layer.in_features, name)
 
 
 def fixed(tree: PyTree) -> PyTree:
@@ -197,7 +162,7 @@ def _draw(layer: eqx.Module, name: str, scale: float, key: PRNGKeyArray) -> Arra
     """Checks `layer`, then draws from `U(-s/√fan_in, s/√fan_in)`: the distribution
     of Equinox's default initialisation of its weight, times `s = feedback_scale`."""
     check_layer(layer, name)
-    check_scale("feedback_scale", scale)
+    check_positive_number(feedback_scale=scale)
     weight = layer.weight  # pyright: ignore[reportAttributeAccessIssue]
     return uniform(key, weight.shape, scale / math.sqrt(fan_in(weight)), weight.dtype)
 
@@ -264,7 +229,7 @@ class AbstractScaledSignRule(AbstractRule[_Layer]):
         """
         del key
         check_layer(layer, type(self).__name__)
-        check_scale("feedback_scale", feedback_scale)
+        check_positive_number(feedback_scale=feedback_scale)
         self.layer = layer
         self.scale = feedback_scale / math.sqrt(
             self.fan_in_factor * fan_in(self.weight)
@@ -272,7 +237,7 @@ class AbstractScaledSignRule(AbstractRule[_Layer]):
 
     def __check_init__(self):
         check_layer(self.layer, type(self).__name__)
-        check_scale("scale", self.scale)
+        check_positive_number(scale=self.scale)
 
 
 class FA(AbstractStoredRule[_Layer]):
@@ -501,18 +466,9 @@ def mirror(
 
     The model with every WM layer's `feedback` updated; nothing else changes.
     """
-    check_scale("lr", lr)
-    check_scale("noise_std", noise_std)
-    if not (isinstance(decay, int | float) and math.isfinite(decay) and decay >= 0):
-        raise ValueError(f"`decay` must be a non-negative number, got {decay!r}.")
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, int)
-        or batch_size < 1
-    ):
-        raise ValueError(
-            f"`batch_size` must be a positive integer, got {batch_size!r}."
-        )
+    check_positive_number(lr=lr, noise_std=noise_std)
+    check_non_negative_number(decay=decay)
+    check_positive_int(batch_size=batch_size)
     is_wm = lambda x: isinstance(x, WM)  # noqa: E731
     count = sum(is_wm(x) for x in jax.tree_util.tree_leaves(model, is_leaf=is_wm))
     keys = iter(jax.random.split(key, max(count, 1)))

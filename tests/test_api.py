@@ -404,3 +404,67 @@ def test_errors_are_clear(getkey):
     # Mismatched shapes between arguments are caught by the jaxtyping annotations.
     with pytest.raises(TypeCheckError, match="channel"):
         bfx.close_error_channel(jnp.zeros(3), jnp.zeros(2))
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda k: bfx.MLP(4, 3, 5, True, rule="fa", key=k),
+            "`depth` must be a non-negative integer, got True.",
+        ),
+        (
+            lambda k: bfx.DFAFeedback((3, -1), 2, key=k),
+            "`shape[1]` must be a positive integer, got -1.",
+        ),
+        (
+            lambda k: bfx.FA(
+                eqx.nn.Linear(2, 2, key=k), feedback_scale=float("inf"), key=k
+            ),
+            "`feedback_scale` must be a positive finite number, got inf.",
+        ),
+        (
+            lambda k: bfx.mirror(bfx.MLP(2, 2, 2, 0, rule="wm", key=k), k, decay=-1.0),
+            "`decay` must be a non-negative finite number, got -1.0.",
+        ),
+        (
+            lambda k: bfx.mirror(
+                bfx.MLP(2, 2, 2, 0, rule="wm", key=k), k, batch_size=0
+            ),
+            "`batch_size` must be a positive integer, got 0.",
+        ),
+        (
+            lambda k: bfx.sine(k, n_train=0, n_test=1),
+            "`n_train` must be a positive integer, got 0.",
+        ),
+        (
+            lambda k: bfx.teacher_student(
+                k, n_train=2, n_test=1, in_size=2, out_size=1, width=3, depth=-1
+            ),
+            "`depth` must be a non-negative integer, got -1.",
+        ),
+        (
+            lambda k: bfx.augment_images(k, jnp.zeros(4), (1, 2, 2), pad=-1),
+            "`pad` must be a non-negative integer, got -1.",
+        ),
+        (
+            lambda k: bfx.load_dataset("mnist", limit=0),
+            "`limit` must be a positive integer, got 0.",
+        ),
+    ],
+)
+def test_argument_checks_share_one_message_style(call, message, getkey):
+    with pytest.raises(ValueError) as info:
+        call(getkey())
+    assert str(info.value) == message
+
+
+def test_the_rule_of_an_mlp_is_read_off_all_its_layers(getkey):
+    fa = bfx.MLP(4, 3, 5, 1, rule="fa", key=getkey())
+    assert fa.rule == "fa"
+    assert bfx.MLP(4, 3, 5, 1, rule="dfa", key=getkey()).rule == "dfa"
+    assert bfx.MLP(4, 3, 5, 1, rule="bp", key=getkey()).rule == "bp"
+    # One layer swapped for another rule's: no single rule any more.
+    kp = bfx.KP(fa.layers[1].layer, key=getkey())
+    mixed = eqx.tree_at(lambda m: m.layers[1], fa, kp)
+    assert mixed.rule is None

@@ -6,7 +6,17 @@ import sys
 import textwrap
 
 
-CORE = ("_rules", "_feedback", "_dfa", "_convert", "_mlp", "_optim", "_metrics")
+CORE = (
+    "_rules",
+    "_feedback",
+    "_dfa",
+    "_convert",
+    "_mlp",
+    "_optim",
+    "_metrics",
+    "_layers",
+    "_checks",
+)
 
 
 def test_core_imports_neither_data_nor_training():

@@ -8,6 +8,8 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, Shaped
 
+from .._checks import check_non_negative_int
+
 
 @functools.partial(jax.jit, static_argnames="batch_size")
 def epoch_batches(
@@ -109,8 +111,7 @@ def augment_images(
         raise ValueError(
             f"image_shape must be (channels, height, width), got {image_shape}"
         )
-    if pad < 0:
-        raise ValueError(f"pad must be non-negative, got {pad}")
+    check_non_negative_int(pad=pad)
     if x.shape[-3:] == image_shape:
         batch = x.shape[:-3]
     elif x.shape[-1:] == (math.prod(image_shape),):

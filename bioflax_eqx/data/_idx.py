@@ -13,6 +13,7 @@ import zlib
 import numpy as np
 from jaxtyping import Shaped
 
+from .._checks import check_non_negative_int
 from ._dataset import DISPLAY_NAMES, DataNotFoundError
 from ._download import DATA_ENV_VAR, Checksum, download_files
 
@@ -160,8 +161,8 @@ def read_idx(
     `ValueError`, naming the file, when its magic number is wrong or it is
     truncated, has trailing bytes or is not valid gzip.
     """
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be non-negative, got {limit}")
+    if limit is not None:
+        check_non_negative_int(limit=limit)
     return _read_idx(pathlib.Path(path), limit, None)[0]
 
 

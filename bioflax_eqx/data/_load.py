@@ -10,6 +10,7 @@ import numpy as np
 from jax.typing import DTypeLike
 from jaxtyping import Array, PRNGKeyArray
 
+from .._checks import check_positive_int
 from ._cifar import CIFAR10_SHAPE, cifar10_normaliser, read_cifar10
 from ._dataset import DISPLAY_NAMES, Dataset, Split
 from ._download import resolve_data_dir
@@ -113,8 +114,8 @@ def load_dataset(
         raise ValueError(
             f"unknown data set {name!r}; expected one of {sorted(DISPLAY_NAMES)}"
         )
-    if limit is not None and limit <= 0:
-        raise ValueError(f"limit must be positive, got {limit}")
+    if limit is not None:
+        check_positive_int(limit=limit)
     read = read_cifar10 if name == "cifar10" else functools.partial(read_mnist, name)
     train_x, train_y, test_x, test_y = read(
         resolve_data_dir(data_dir, name), download, limit

@@ -10,14 +10,8 @@ import numpy as np
 from jax.typing import DTypeLike
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._checks import check_non_negative_int, check_positive_int
 from ._dataset import Dataset, Split
-
-
-def _check_sizes(**sizes: int) -> None:
-    for what, size in sizes.items():
-        least = 0 if what in ("n_val", "n_test", "depth") else 1
-        if size < least:
-            raise ValueError(f"{what} must be at least {least}, got {size}")
 
 
 def _regression_splits(
@@ -105,15 +99,8 @@ def teacher_student(
     A [`Dataset`][bioflax_eqx.Dataset] with `task="regression"`, `n_classes=None`,
     inputs of shape `(n, in_size)` and targets of shape `(n, out_size)`.
     """
-    _check_sizes(
-        n_train=n_train,
-        n_val=n_val,
-        n_test=n_test,
-        in_size=in_size,
-        out_size=out_size,
-        width=width,
-        depth=depth,
-    )
+    check_positive_int(n_train=n_train, in_size=in_size, out_size=out_size, width=width)
+    check_non_negative_int(n_val=n_val, n_test=n_test, depth=depth)
     train, val, test = _teacher_student_splits(
         key,
         noise_std,
@@ -172,7 +159,8 @@ def sine(
     A [`Dataset`][bioflax_eqx.Dataset] with `task="regression"`, `n_classes=None`,
     `n_features=1` and inputs and targets of shape `(n, 1)`.
     """
-    _check_sizes(n_train=n_train, n_val=n_val, n_test=n_test)
+    check_positive_int(n_train=n_train)
+    check_non_negative_int(n_val=n_val, n_test=n_test)
     train, val, test = _sine_splits(
         key, noise_std, n_splits=(n_train, n_val, n_test), dtype=jnp.dtype(dtype)
     )
