@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import TypeGuard
 
 import equinox as eqx
+import jax
 from jaxtyping import Array
 
 
@@ -59,6 +60,63 @@ def check_layer(layer: object, name: str) -> None:
         )
 
 
+def example_input(layer: object) -> jax.ShapeDtypeStruct | None:
+    """One example's input to `layer`, when the layer itself says it: a dense
+    layer's `in_features`; a convolution's `in_channels`, with the smallest
+    spatial size its kernel fits; a norm's `shape`; an embedding's index. `None`
+    otherwise: a layer of your own is checked when first called."""
+    weight = getattr(layer, "weight", None)
+    if not eqx.is_inexact_array(weight):
+        return None
+    if isinstance(layer, eqx.nn.Linear):
+        shape = () if layer.in_features == "scalar" else (layer.in_features,)
+    elif isinstance(layer, eqx.nn.Conv | eqx.nn.ConvTranspose):
+        spans = [(k - 1) * d + 1 for k, d in zip(layer.kernel_size, layer.dilation)]
+        shape = (layer.in_channels, *spans)
+    elif isinstance(layer, eqx.nn.LayerNorm | eqx.nn.RMSNorm):
+        shape = layer.shape
+    elif isinstance(layer, eqx.nn.Embedding):
+        return jax.ShapeDtypeStruct((), jax.numpy.int32)  # an index
+    else:
+        return None
+    return jax.ShapeDtypeStruct(shape, weight.dtype)  # pyright: ignore[reportOptionalMemberAccess]
+
+
+def check_linear(layer: object, x: jax.ShapeDtypeStruct, name: str) -> None:
+    """`layer` must be linear in its input (up to its bias): a rule sends the error
+    back through the transpose of its map, with `B` in place of `W`.
+
+    Checked on shapes alone, by transposing `layer` at an input like `x`, so it
+    costs one trace and no computation."""
+    if not jax.numpy.issubdtype(x.dtype, jax.numpy.inexact):
+        raise ValueError(
+            f"{name} wraps a layer linear in a floating-point input; "
+            f"{type(layer).__name__} takes {x.dtype} input."
+        )
+    arrays, static = eqx.partition(layer, eqx.is_array)
+    arrays = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), arrays
+    )
+
+    def call(arrays, x):
+        return eqx.combine(arrays, static)(x)  # pyright: ignore[reportCallIssue]
+
+    out = jax.eval_shape(call, arrays, x)
+
+    def transpose(arrays, ct):
+        return jax.linear_transpose(lambda x: call(arrays, x), x)(ct)
+
+    try:
+        jax.eval_shape(transpose, arrays, out)
+    except Exception as e:
+        # JAX found an operation it cannot transpose; its error is the cause.
+        raise ValueError(
+            f"{name} wraps a layer linear in its input (`op(W, x) + b`), such as "
+            f"`eqx.nn.Linear` or `eqx.nn.Conv2d`; {type(layer).__name__} is not "
+            "(JAX cannot transpose it)."
+        ) from e
+
+
 def check_feedback(name: str, feedback: Array | None, weight: Array) -> None:
     if feedback is None or feedback.shape != weight.shape:
         got = None if feedback is None else feedback.shape
@@ -90,3 +148,12 @@ def check_vector_input(x: Array, size: int, name: str) -> None:
 def check_linear_input(layer: object, x: Array, name: str) -> None:
     if isinstance(layer, eqx.nn.Linear) and layer.in_features != "scalar":
         check_vector_input(x, layer.in_features, name)
+
+
+def check_wrappable(layer: object, name: str) -> None:
+    """`layer` can carry a rule: an Equinox module with a floating `weight`, linear
+    in its input where its input is known before a call (see `example_input`)."""
+    check_layer(layer, name)
+    x = example_input(layer)
+    if x is not None:
+        check_linear(layer, x, name)

@@ -24,10 +24,13 @@ from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 from ._checks import (
     check_feedback,
     check_layer,
+    check_linear,
     check_linear_input,
     check_non_negative_number,
     check_positive_int,
     check_positive_number,
+    check_wrappable,
+    example_input,
 )
 from ._feedback import reroute, tie
 from ._kernels import uniform as fused_uniform
@@ -146,6 +149,9 @@ class AbstractRule(AbstractWrapper[_Layer]):
         """
         name = type(self).__name__
         check_linear_input(self.layer, x, name)
+        if example_input(self.layer) is None:
+            # A layer of your own: its input shape is known only now.
+            check_linear(self.layer, jax.ShapeDtypeStruct(x.shape, x.dtype), name)
         # The rule's name in the HLO and in profiles, as `eqx.nn.WeightNorm` does.
         with jax.named_scope(f"bfx.{name}"):
             feedback = self.feedback_weight(key=key)
@@ -161,7 +167,7 @@ class AbstractRule(AbstractWrapper[_Layer]):
 def _draw(layer: eqx.Module, name: str, scale: float, key: PRNGKeyArray) -> Array:
     """Checks `layer`, then draws from `U(-s/√fan_in, s/√fan_in)`: the distribution
     of Equinox's default initialisation of its weight, times `s = feedback_scale`."""
-    check_layer(layer, name)
+    check_wrappable(layer, name)
     check_positive_number(feedback_scale=scale)
     weight = layer.weight  # pyright: ignore[reportAttributeAccessIssue]
     return uniform(key, weight.shape, scale / math.sqrt(fan_in(weight)), weight.dtype)
@@ -228,7 +234,7 @@ class AbstractScaledSignRule(AbstractRule[_Layer]):
             built alike.
         """
         del key
-        check_layer(layer, type(self).__name__)
+        check_wrappable(layer, type(self).__name__)
         check_positive_number(feedback_scale=feedback_scale)
         self.layer = layer
         self.scale = feedback_scale / math.sqrt(

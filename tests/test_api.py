@@ -468,3 +468,33 @@ def test_the_rule_of_an_mlp_is_read_off_all_its_layers(getkey):
     kp = bfx.KP(fa.layers[1].layer, key=getkey())
     mixed = eqx.tree_at(lambda m: m.layers[1], fa, kp)
     assert mixed.rule is None
+
+
+class _TanhLayer(eqx.Module):
+    """A layer of one's own with a `weight`, but not linear in its input."""
+
+    weight: jax.Array
+
+    def __call__(self, x, *, key=None):
+        return jnp.tanh(self.weight @ x)
+
+
+@pytest.mark.parametrize("rule", [bfx.FA, bfx.KP, bfx.WM, bfx.FRSF, bfx.USF, bfx.BRSF])
+def test_layers_not_linear_in_their_input_are_refused(rule, getkey):
+    # Their input is known from the layer: refused as they are wrapped.
+    with pytest.raises(ValueError, match="LayerNorm is not"):
+        rule(eqx.nn.LayerNorm(4), key=getkey())
+    with pytest.raises(ValueError, match="Embedding takes int32 input"):
+        rule(eqx.nn.Embedding(5, 4, key=getkey()), key=getkey())
+    # A layer of one's own says nothing of its input: refused at its first call.
+    layer = rule(_TanhLayer(jnp.ones((3, 4))), key=getkey())
+    with pytest.raises(ValueError, match="_TanhLayer is not"):
+        layer(jnp.ones(4), key=getkey())
+    # Affine layers of every kind pass, with or without bias.
+    for linear in (
+        eqx.nn.Linear("scalar", 3, key=getkey()),
+        eqx.nn.Linear(4, 3, use_bias=False, key=getkey()),
+        eqx.nn.Conv2d(2, 3, (3, 5), dilation=(1, 2), padding="SAME", key=getkey()),
+        eqx.nn.ConvTranspose1d(2, 3, 3, stride=2, padding=1, key=getkey()),
+    ):
+        rule(linear, key=getkey())
