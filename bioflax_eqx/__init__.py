@@ -16,6 +16,7 @@ from ._metrics import (
     layer_deltas as layer_deltas,
     weight_alignment as weight_alignment,
 )
+from ._mirror import mirror as mirror
 from ._mlp import MLP as MLP
 from ._optim import (
     decay_mask as decay_mask,
@@ -33,7 +34,6 @@ from ._rules import (
     WM as WM,
     AbstractFeedback as AbstractFeedback,
     AbstractRule as AbstractRule,
-    mirror as mirror,
 )
 from .data import (
     DataNotFoundError as DataNotFoundError,

@@ -6,7 +6,7 @@ import jax
 from jaxtyping import PRNGKeyArray
 
 from ._dfa import DFA, Sequential
-from ._layers import is_linear_layer
+from ._layers import is_linear_layer, linear_layers
 from ._mlp import MLP
 from ._rules import WRAPPERS, AbstractRule, check_rule
 
@@ -182,9 +182,17 @@ def convert(
 
     **Returns:**
 
-    The converted model.
+    The converted model. A model without any linear layer, wrapped or not, is
+    refused with a `ValueError`.
     """
     check_rule(rule)
+    if not linear_layers(model):
+        # Most likely the wrong object: returning it unchanged would hide that.
+        raise ValueError(
+            f"convert found no layer to wrap in the {type(model).__name__} passed: "
+            "no `eqx.nn.Linear`, `eqx.nn.Conv*` or `eqx.nn.ConvTranspose*`, "
+            "wrapped or not."
+        )
     if key is None:
         if rule not in ("bp", "usf"):
             raise ValueError(f"converting to rule {rule!r} needs `key=`.")

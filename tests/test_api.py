@@ -498,3 +498,10 @@ def test_layers_not_linear_in_their_input_are_refused(rule, getkey):
         eqx.nn.ConvTranspose1d(2, 3, 3, stride=2, padding=1, key=getkey()),
     ):
         rule(linear, key=getkey())
+
+
+@pytest.mark.parametrize("rule", bfx.RULES)
+def test_convert_refuses_a_model_with_nothing_to_convert(rule, getkey):
+    norm = [eqx.nn.LayerNorm(4), jnp.ones(3), "not a layer"]
+    with pytest.raises(ValueError, match="convert found no layer to wrap in the list"):
+        bfx.convert(norm, rule, key=getkey(), error_features=2)

@@ -16,6 +16,7 @@ CORE = (
     "_metrics",
     "_layers",
     "_checks",
+    "_mirror",
 )
 
 

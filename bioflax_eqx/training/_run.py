@@ -32,8 +32,9 @@ from .._convert import convert
 from .._dfa import DFA
 from .._layers import linear_layers, rule_of
 from .._metrics import alignment_metrics
+from .._mirror import mirror
 from .._optim import decay_mask, feedback_labels, freeze_feedback, trainable
-from .._rules import RULES, WM, mirror
+from .._rules import RULES, WM
 from ..data import Dataset, augment_images, load_dataset, sine, teacher_student
 from ._checkpoint import (
     CHECKPOINT_NAME,
