@@ -1,16 +1,6 @@
 """Equinox layers for learning without weight transport."""
 
 from ._convert import convert as convert
-from ._data import (
-    DataNotFoundError as DataNotFoundError,
-    Dataset as Dataset,
-    Split as Split,
-    augment_images as augment_images,
-    epoch_batches as epoch_batches,
-    load_dataset as load_dataset,
-    sine as sine,
-    teacher_student as teacher_student,
-)
 from ._dfa import (
     DFA as DFA,
     DFAFeedback as DFAFeedback,
@@ -26,6 +16,7 @@ from ._metrics import (
     layer_deltas as layer_deltas,
     weight_alignment as weight_alignment,
 )
+from ._mirror import mirror as mirror
 from ._mlp import MLP as MLP
 from ._optim import (
     decay_mask as decay_mask,
@@ -43,7 +34,16 @@ from ._rules import (
     WM as WM,
     AbstractFeedback as AbstractFeedback,
     AbstractRule as AbstractRule,
-    mirror as mirror,
+)
+from .data import (
+    DataNotFoundError as DataNotFoundError,
+    Dataset as Dataset,
+    Split as Split,
+    augment_images as augment_images,
+    epoch_batches as epoch_batches,
+    load_dataset as load_dataset,
+    sine as sine,
+    teacher_student as teacher_student,
 )
 from .training import (
     CheckpointError as CheckpointError,

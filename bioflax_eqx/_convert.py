@@ -3,34 +3,19 @@ from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
-from jaxtyping import PRNGKeyArray, PyTree
+from jaxtyping import PRNGKeyArray
 
 from ._dfa import DFA, Sequential
+from ._layers import is_linear_layer, linear_layers
 from ._mlp import MLP
 from ._rules import WRAPPERS, AbstractRule, check_rule
 
 
 _Model = TypeVar("_Model")
 
-# The layers every rule knows how to wrap: linear in their input, with a `weight`.
-# `eqx.nn.Conv1d/2d/3d` and `ConvTranspose1d/2d/3d` are subclasses of these.
-LINEAR_LAYERS = (eqx.nn.Linear, eqx.nn.Conv, eqx.nn.ConvTranspose)
-
-
-def is_linear_layer(x: object) -> bool:
-    return isinstance(x, LINEAR_LAYERS)
-
 
 def _is_wrapper(x: object) -> bool:
     return isinstance(x, AbstractRule | DFA)
-
-
-def _is_node(x: object) -> bool:
-    """A linear layer, or a wrapper around one (a DFA around a block is not: the
-    block's layers are the nodes)."""
-    if isinstance(x, DFA):
-        return is_linear_layer(x.layer)
-    return is_linear_layer(x) or isinstance(x, AbstractRule)
 
 
 def unwrap(model: _Model) -> _Model:
@@ -38,13 +23,6 @@ def unwrap(model: _Model) -> _Model:
     return jax.tree_util.tree_map(
         lambda x: unwrap(x.layer) if _is_wrapper(x) else x, model, is_leaf=_is_wrapper
     )
-
-
-def linear_layers(tree: PyTree) -> list:
-    """The linear layers of a model, wrapped or not, in pytree order (each wrapper
-    counts as its layer; the layers inside a DFA-wrapped block count one by one)."""
-    leaves = jax.tree_util.tree_leaves(tree, is_leaf=_is_node)
-    return [x for x in leaves if _is_node(x)]
 
 
 def _keys(key: PRNGKeyArray) -> Callable[[], PRNGKeyArray]:
@@ -204,9 +182,17 @@ def convert(
 
     **Returns:**
 
-    The converted model.
+    The converted model. A model without any linear layer, wrapped or not, is
+    refused with a `ValueError`.
     """
     check_rule(rule)
+    if not linear_layers(model):
+        # Most likely the wrong object: returning it unchanged would hide that.
+        raise ValueError(
+            f"convert found no layer to wrap in the {type(model).__name__} passed: "
+            "no `eqx.nn.Linear`, `eqx.nn.Conv*` or `eqx.nn.ConvTranspose*`, "
+            "wrapped or not."
+        )
     if key is None:
         if rule not in ("bp", "usf"):
             raise ValueError(f"converting to rule {rule!r} needs `key=`.")

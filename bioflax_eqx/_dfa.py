@@ -19,7 +19,7 @@ def __call__(self, x):
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import equinox as eqx
 import jax
@@ -28,12 +28,14 @@ from equinox.nn import State, StatefulLayer
 from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._checks import check_positive_int, check_positive_number
 from ._feedback import close, direct_feedback, open_channel
-from ._misc import check_positive, check_scale, default_floating_dtype, uniform
-from ._rules import AbstractFeedback
+from ._misc import default_floating_dtype, uniform
+from ._rules import AbstractFeedback, AbstractWrapper
 
 
-# Equinox's own marker for "no state passed".
+_Layer = TypeVar("_Layer", bound=Callable)
+
 # A marker for "no state passed" (as `eqx.nn.Sequential` has).
 _sentinel: Any = object()
 
@@ -55,7 +57,7 @@ def open_error_channel(
 
     A zero vector of shape `(error_features,)`.
     """
-    check_positive(error_features=error_features)
+    check_positive_int(error_features=error_features)
     if dtype is None:
         x_float = jnp.issubdtype(x.dtype, jnp.floating)
         dtype = x.dtype if x_float else default_floating_dtype()
@@ -88,7 +90,7 @@ def close_error_channel(
 
 def _shape(shape: int | Sequence[int], name: str) -> tuple[int, ...]:
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    check_positive(**{f"{name}[{i}]": n for i, n in enumerate(shape)})
+    check_positive_int(**{f"{name}[{i}]": n for i, n in enumerate(shape)})
     return shape
 
 
@@ -97,8 +99,8 @@ def _init_feedback(
 ) -> Array:
     """`B ~ U(-s/√size, s/√size)` of shape `(*shape, error_features)`, `size` the
     number of entries of the activation it feeds."""
-    check_positive(error_features=error_features)
-    check_scale("feedback_scale", scale)
+    check_positive_int(error_features=error_features)
+    check_positive_number(feedback_scale=scale)
     bound = scale / math.sqrt(math.prod(shape))
     return uniform(key, (*shape, error_features), bound, dtype)
 
@@ -207,7 +209,7 @@ def _input_shape(layer: object) -> tuple[int, ...] | None:
     return None
 
 
-class DFA(AbstractFeedback):
+class DFA(AbstractWrapper[_Layer]):
     """Direct Feedback Alignment (Nøkland 2016) around any layer or block.
 
     A [`bioflax_eqx.DFAFeedback`][] point at the input of `layer`, then `layer` itself
@@ -227,13 +229,13 @@ class DFA(AbstractFeedback):
     [`bioflax_eqx.Sequential`][] and [`bioflax_eqx.MLP`][] do it for you.
     """
 
-    layer: Callable
+    layer: _Layer
     feedback: Float[Array, "*input_shape error_features"]
     trains_feedback: ClassVar[bool] = False
 
     def __init__(
         self,
-        layer: Callable,
+        layer: _Layer,
         error_features: int,
         *,
         input_shape: int | Sequence[int] | None = None,
@@ -287,16 +289,6 @@ class DFA(AbstractFeedback):
             )
 
     @property
-    def weight(self) -> Float[Array, "..."]:
-        """The wrapped layer's weight."""
-        return self.layer.weight  # pyright: ignore[reportFunctionMemberAccess]
-
-    @property
-    def bias(self) -> Float[Array, "..."] | None:
-        """The wrapped layer's bias, or `None`."""
-        return getattr(self.layer, "bias", None)
-
-    @property
     def input_shape(self) -> tuple[int, ...]:
         return self.feedback.shape[:-1]
 
@@ -331,13 +323,14 @@ class DFA(AbstractFeedback):
         `(layer(x), channel)`, or `(y, channel, state)` when `state` is passed.
         """
         _check_point(type(self).__name__, self.feedback, x, channel)
-        x, channel = direct_feedback(x, channel, self.feedback)
+        with jax.named_scope("bfx.DFA"):
+            x, channel = direct_feedback(x, channel, self.feedback)
         # The layer sees no cotangent to `x`, so no chain through its weights.
         x = lax.stop_gradient(x)
         if state is _sentinel:
             return self.layer(x, key=key), channel
         if self.is_stateful():
-            y, state = self.layer(x, state, key=key)
+            y, state = self.layer(x, state, key=key)  # pyright: ignore[reportCallIssue]
         else:
             y = self.layer(x, key=key)
         return y, channel, state

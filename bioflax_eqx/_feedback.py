@@ -63,28 +63,34 @@ def reroute(
 
 
 @eqx.filter_custom_vjp
-def _tie(vjp_arg):
-    weight, _ = vjp_arg
-    return weight
+def _share(vjp_arg):
+    first, _ = vjp_arg
+    return first
 
 
-@_tie.def_fwd
-def _tie_fwd(perturbed, vjp_arg):
+@_share.def_fwd
+def _share_fwd(perturbed, vjp_arg):
     del perturbed
-    weight, _ = vjp_arg
-    return weight, None
+    first, _ = vjp_arg
+    return first, None
 
 
-@_tie.def_bwd
-def _tie_bwd(residuals, grad_weight, perturbed, vjp_arg):
+@_share.def_bwd
+def _share_bwd(residuals, grad_first, perturbed, vjp_arg):
     del residuals, vjp_arg
-    weight_perturbed, feedback_perturbed = perturbed
-    if grad_weight is None:
+    first_perturbed, second_perturbed = perturbed
+    if grad_first is None:
         return None, None
     return (
-        grad_weight if weight_perturbed else None,
-        grad_weight if feedback_perturbed else None,
+        grad_first if first_perturbed else None,
+        grad_first if second_perturbed else None,
     )
+
+
+def _shared(first: Array, second: Array) -> Array:
+    """Identity on `first`; on the backward pass its cotangent also goes, as it is,
+    to `second` (of the same shape)."""
+    return _share((first, second))
 
 
 def tie(
@@ -94,7 +100,7 @@ def tie(
     gradient (Kolen-Pollack). Both are stored in the weight's layout, so this is a
     copy, not a transpose; the weight is unbatched under `jax.vmap`, so its
     cotangent arrives already summed over the batch."""
-    return _tie((weight, feedback))
+    return _shared(weight, feedback)
 
 
 @eqx.filter_custom_vjp
@@ -134,36 +140,11 @@ def direct_feedback(
     return _direct_feedback((activation, channel), lax.stop_gradient(feedback))
 
 
-@eqx.filter_custom_vjp
-def _close(vjp_arg):
-    output, _ = vjp_arg
-    return output
-
-
-@_close.def_fwd
-def _close_fwd(perturbed, vjp_arg):
-    del perturbed
-    output, _ = vjp_arg
-    return output, None
-
-
-@_close.def_bwd
-def _close_bwd(residuals, grad_output, perturbed, vjp_arg):
-    del residuals, vjp_arg
-    output_perturbed, channel_perturbed = perturbed
-    if grad_output is None:
-        return None, None
-    return (
-        grad_output if output_perturbed else None,
-        grad_output if channel_perturbed else None,
-    )
-
-
 def close(
     output: Float[Array, " error"], channel: Float[Array, " error"]
 ) -> Float[Array, " error"]:
     """Identity on `output`; its cotangent `e` is also sent down `channel`."""
-    return _close((output, channel))
+    return _shared(output, channel)
 
 
 def open_channel(x: Array, error_features: int, dtype) -> Float[Array, " error"]:

@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Shaped
 
-from ._convert import convert, is_linear_layer, linear_layers
+from ._convert import convert
 from ._dfa import DFA
+from ._layers import is_node, linear_layers
 from ._rules import AbstractRule
 
 
@@ -123,19 +124,13 @@ class _Probe(eqx.Module):
         return (y, *out[1:]) if isinstance(out, tuple) else y
 
 
-def _is_node(x) -> bool:
-    if isinstance(x, DFA):
-        return is_linear_layer(x.layer)
-    return is_linear_layer(x) or isinstance(x, AbstractRule)
-
-
 def _probed(model: PyTree, shifts: list[Array] | None, shapes: dict | None) -> PyTree:
     """`model` with a probe on the output of each of its linear layers (inside a
     DFA wrapper, which must stay outermost for the model to thread its channel)."""
     count = iter(range(1 << 30))
 
     def probe(x):
-        if not _is_node(x):
+        if not is_node(x):
             return x
         i = next(count)
         shift = None if shifts is None else shifts[i]
@@ -143,7 +138,7 @@ def _probed(model: PyTree, shifts: list[Array] | None, shapes: dict | None) -> P
             return eqx.tree_at(lambda m: m.layer, x, _Probe(x.layer, shift, i, shapes))
         return _Probe(x, shift, i, shapes)
 
-    return jax.tree_util.tree_map(probe, model, is_leaf=_is_node)
+    return jax.tree_util.tree_map(probe, model, is_leaf=is_node)
 
 
 def _signals(model, x, y, loss_fn: LossFn, key) -> tuple[list[Array], list[Array]]:

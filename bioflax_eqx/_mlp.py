@@ -5,21 +5,14 @@ import equinox as eqx
 import jax
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._checks import check_non_negative_int, check_positive_int, check_vector_input
 from ._dfa import DFA, close_error_channel, open_error_channel
-from ._misc import check_positive
-from ._rules import WRAPPERS, check_rule, check_vector_input
+from ._layers import rule_of
+from ._rules import WRAPPERS, check_rule
 
 
 def _identity(x):
     return x
-
-
-def rule_of(layer: object) -> str:
-    """The rule of one layer of a model (rule classes are final: the exact type)."""
-    if isinstance(layer, DFA):
-        return "dfa"
-    names: dict[object, str] = {cls: rule for rule, cls in WRAPPERS.items()}
-    return names.get(type(layer), "bp")
 
 
 class MLP(eqx.Module):
@@ -70,9 +63,8 @@ class MLP(eqx.Module):
         - `key`: a `jax.random.PRNGKey`.
         """
         check_rule(rule)
-        check_positive(in_size=in_size, out_size=out_size, width_size=width_size)
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-            raise ValueError(f"`depth` must be a non-negative integer, got {depth!r}.")
+        check_positive_int(in_size=in_size, out_size=out_size, width_size=width_size)
+        check_non_negative_int(depth=depth)
         sizes = [in_size] + [width_size] * depth + [out_size]
         biases = [use_bias] * depth + [use_final_bias]
         layers = []
@@ -130,9 +122,9 @@ class MLP(eqx.Module):
         return eqx.tree_at(lambda m: m.layers, new, tuple(mlp.layers))
 
     @property
-    def rule(self) -> str:
-        """The rule of the first layer (every layer's, for an MLP built here)."""
-        return rule_of(self.layers[0])
+    def rule(self) -> str | None:
+        """The rule of its layers; `None` if tree surgery mixed rules in them."""
+        return rule_of(self.layers)
 
     def __call__(
         self, x: Float[Array, " in_size"], *, key: PRNGKeyArray | None = None

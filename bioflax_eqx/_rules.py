@@ -13,7 +13,7 @@ dense layer the papers' `B` (shape of `Wᵀ`) is `feedback.T`.
 import abc
 import math
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, Generic, TypeVar
 
 import equinox as eqx
 import jax
@@ -21,10 +21,24 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
+from ._checks import (
+    check_feedback,
+    check_layer,
+    check_linear,
+    check_linear_input,
+    check_positive_number,
+    check_wrappable,
+    example_input,
+)
 from ._feedback import reroute, tie
 from ._kernels import uniform as fused_uniform
-from ._misc import check_scale, uniform
+from ._misc import uniform
 
+
+# The wrapped layer's type, as in `eqx.nn.WeightNorm`: any block for DFA, a layer
+# linear in its input for a rule.
+_Wrapped = TypeVar("_Wrapped")
+_Layer = TypeVar("_Layer", bound=eqx.Module)
 
 RULES: tuple[str, ...] = ("bp", "fa", "kp", "wm", "dfa", "usf", "brsf", "frsf")
 
@@ -38,49 +52,6 @@ def fan_in(weight: Array) -> int:
     """The fan-in of a weight stored output-first, as Equinox's `Linear` and `Conv*`
     store theirs: every axis but the first."""
     return max(math.prod(weight.shape[1:]), 1)
-
-
-def check_layer(layer: object, name: str) -> None:
-    """`layer` must be a callable Equinox module with a floating `weight` array."""
-    weight = getattr(layer, "weight", None)
-    if not isinstance(layer, eqx.Module) or not eqx.is_inexact_array(weight):
-        raise ValueError(
-            f"{name} wraps an Equinox layer with a floating-point `weight` array "
-            f"(e.g. `eqx.nn.Linear`, `eqx.nn.Conv2d`), got {type(layer).__name__}."
-        )
-
-
-def check_feedback(name: str, feedback: Array | None, weight: Array) -> None:
-    if feedback is None or feedback.shape != weight.shape:
-        got = None if feedback is None else feedback.shape
-        raise ValueError(
-            f"`{name}` must have the shape of the wrapped layer's weight, "
-            f"{weight.shape}, got {got}."
-        )
-    if feedback.dtype != weight.dtype:
-        raise ValueError(
-            f"`{name}` must have the weight's dtype {weight.dtype}, got "
-            f"{feedback.dtype}."
-        )
-
-
-def check_vector_input(x: Array, size: int, name: str) -> None:
-    """A clear error for the most common mistake: a batch passed to a per-example
-    dense layer or MLP (shapes are static, so this costs nothing after tracing)."""
-    if x.shape != (size,):
-        hint = (
-            " Layers take one example; batch with `jax.vmap`."
-            if x.ndim == 2 and x.shape[-1] == size
-            else ""
-        )
-        raise ValueError(
-            f"{name} expects an input of shape ({size},), got {x.shape}.{hint}"
-        )
-
-
-def check_linear_input(layer: object, x: Array, name: str) -> None:
-    if isinstance(layer, eqx.nn.Linear) and layer.in_features != "scalar":
-        check_vector_input(x, layer.in_features, name)
 
 
 def fixed(tree: PyTree) -> PyTree:
@@ -104,7 +75,24 @@ class AbstractFeedback(eqx.Module):
     trains_feedback: eqx.AbstractClassVar[bool]
 
 
-class AbstractRule(AbstractFeedback):
+class AbstractWrapper(AbstractFeedback, Generic[_Wrapped]):
+    """Feedback around a wrapped layer or block, `layer`, whose type it carries
+    (`FA[eqx.nn.Linear]`), as `eqx.nn.WeightNorm` does."""
+
+    layer: eqx.AbstractVar[_Wrapped]
+
+    @property
+    def weight(self) -> Float[Array, "..."]:
+        """The wrapped layer's weight."""
+        return self.layer.weight  # pyright: ignore[reportAttributeAccessIssue]
+
+    @property
+    def bias(self) -> Float[Array, "..."] | None:
+        """The wrapped layer's bias, or `None`."""
+        return getattr(self.layer, "bias", None)
+
+
+class AbstractRule(AbstractWrapper[_Layer]):
     """A layer `y = op(W, x) + b`, linear in its input, whose backward pass sends the
     error to its input through feedback weights `B` instead of `W`.
 
@@ -122,7 +110,7 @@ class AbstractRule(AbstractFeedback):
     example; batch with `jax.vmap`.
     """
 
-    layer: eqx.AbstractVar[eqx.Module]
+    layer: eqx.AbstractVar[_Layer]
     # `B` in the weight's layout: a field, or for sign symmetry a property derived
     # from `W` (brSF: its expected value).
     feedback: eqx.AbstractVar[Float[Array, "..."]]
@@ -143,16 +131,6 @@ class AbstractRule(AbstractFeedback):
         `B`, of the shape of the wrapped layer's `weight`.
         """
 
-    @property
-    def weight(self) -> Float[Array, "..."]:
-        """The wrapped layer's weight."""
-        return self.layer.weight  # pyright: ignore[reportAttributeAccessIssue]
-
-    @property
-    def bias(self) -> Float[Array, "..."] | None:
-        """The wrapped layer's bias, or `None`."""
-        return getattr(self.layer, "bias", None)
-
     def __call__(
         self, x: Float[Array, "..."], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "..."]:
@@ -169,31 +147,104 @@ class AbstractRule(AbstractFeedback):
         """
         name = type(self).__name__
         check_linear_input(self.layer, x, name)
-        feedback = self.feedback_weight(key=key)
-        # Also catches feedback replaced by tree surgery, which skips __check_init__.
-        check_feedback("feedback", feedback, self.weight)
-        layer = self.layer
-        if self.trains_feedback:
-            layer = with_weight(layer, tie(self.weight, self.feedback))
-        output = layer(lax.stop_gradient(x))  # pyright: ignore[reportCallIssue]
-        return reroute(output, x, fixed(with_weight(self.layer, feedback)))
+        if example_input(self.layer) is None:
+            # A layer of your own: its input shape is known only now.
+            check_linear(self.layer, jax.ShapeDtypeStruct(x.shape, x.dtype), name)
+        # The rule's name in the HLO and in profiles, as `eqx.nn.WeightNorm` does.
+        with jax.named_scope(f"bfx.{name}"):
+            feedback = self.feedback_weight(key=key)
+            # Also catches feedback replaced by tree surgery (no __check_init__).
+            check_feedback("feedback", feedback, self.weight)
+            layer = self.layer
+            if self.trains_feedback:
+                layer = with_weight(layer, tie(self.weight, self.feedback))
+            output = layer(lax.stop_gradient(x))  # pyright: ignore[reportCallIssue]
+            return reroute(output, x, fixed(with_weight(self.layer, feedback)))
 
 
 def _draw(layer: eqx.Module, name: str, scale: float, key: PRNGKeyArray) -> Array:
     """Checks `layer`, then draws from `U(-s/√fan_in, s/√fan_in)`: the distribution
     of Equinox's default initialisation of its weight, times `s = feedback_scale`."""
-    check_layer(layer, name)
-    check_scale("feedback_scale", scale)
+    check_wrappable(layer, name)
+    check_positive_number(feedback_scale=scale)
     weight = layer.weight  # pyright: ignore[reportAttributeAccessIssue]
     return uniform(key, weight.shape, scale / math.sqrt(fan_in(weight)), weight.dtype)
 
 
-def _check_drawn(rule: AbstractRule, name: str, field: str) -> None:
+def _check_drawn(rule: AbstractRule, field: str) -> None:
+    name = type(rule).__name__
     check_layer(rule.layer, name)
     check_feedback(field, getattr(rule, field), rule.weight)
 
 
-class FA(AbstractRule):
+class AbstractStoredRule(AbstractRule[_Layer]):
+    """A rule whose feedback `B` is an array of its own, drawn at construction like
+    the weight and then fixed (FA), trained (KP) or mirrored (WM)."""
+
+    layer: _Layer
+    feedback: Float[Array, "..."]
+
+    def __init__(
+        self, layer: _Layer, *, feedback_scale: float = 1.0, key: PRNGKeyArray
+    ):
+        """**Arguments:**
+
+        - `layer`: the layer to wrap, e.g. `eqx.nn.Linear` or `eqx.nn.Conv2d`.
+        - `feedback_scale`: `B` is drawn from `U(-s/√fan_in, s/√fan_in)` with
+            `s = feedback_scale` (an independent draw from Equinox's initialisation
+            of the weight, `fan_in` = the size of every weight axis but the first).
+        - `key`: a `jax.random.PRNGKey` for `B`.
+        """
+        self.feedback = _draw(layer, type(self).__name__, feedback_scale, key)
+        self.layer = layer
+
+    def __check_init__(self):
+        _check_drawn(self, "feedback")
+
+    def feedback_weight(
+        self, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "..."]:
+        return self.feedback
+
+
+class AbstractScaledSignRule(AbstractRule[_Layer]):
+    """A sign-concordant rule with nothing stored: `B` follows `sign(W)` on every
+    call, times a fixed `scale = feedback_scale / √(fan_in_factor · fan_in)`."""
+
+    layer: _Layer
+    scale: float = eqx.field(static=True)
+    # The default scale's variance factor: 3 for the std of Equinox's initial
+    # weights (uSF), 1 for their bound (brSF).
+    fan_in_factor: eqx.AbstractClassVar[int]
+
+    def __init__(
+        self,
+        layer: _Layer,
+        *,
+        feedback_scale: float = 1.0,
+        key: PRNGKeyArray | None = None,
+    ):
+        """**Arguments:**
+
+        - `layer`: the layer to wrap.
+        - `feedback_scale`: multiplies the default scale.
+        - `key`: unused (nothing is drawn here); accepted so that every rule is
+            built alike.
+        """
+        del key
+        check_wrappable(layer, type(self).__name__)
+        check_positive_number(feedback_scale=feedback_scale)
+        self.layer = layer
+        self.scale = feedback_scale / math.sqrt(
+            self.fan_in_factor * fan_in(self.weight)
+        )
+
+    def __check_init__(self):
+        check_layer(self.layer, type(self).__name__)
+        check_positive_number(scale=self.scale)
+
+
+class FA(AbstractStoredRule[_Layer]):
     """Feedback Alignment (Lillicrap et al. 2016).
 
     The error reaches the layer's input through fixed random weights:
@@ -209,34 +260,12 @@ class FA(AbstractRule):
     moves it.
     """
 
-    layer: eqx.Module
-    feedback: Float[Array, "..."]
+    # The base's own: a type checker would otherwise synthesise a dataclass one.
+    __init__ = AbstractStoredRule.__init__
     trains_feedback: ClassVar[bool] = False
 
-    def __init__(
-        self, layer: eqx.Module, *, feedback_scale: float = 1.0, key: PRNGKeyArray
-    ):
-        """**Arguments:**
 
-        - `layer`: the layer to wrap, e.g. `eqx.nn.Linear` or `eqx.nn.Conv2d`.
-        - `feedback_scale`: `B` is drawn from `U(-s/√fan_in, s/√fan_in)` with
-            `s = feedback_scale` (an independent draw from Equinox's initialisation
-            of the weight, `fan_in` = the size of every weight axis but the first).
-        - `key`: a `jax.random.PRNGKey` for `B`.
-        """
-        self.feedback = _draw(layer, "FA", feedback_scale, key)
-        self.layer = layer
-
-    def __check_init__(self):
-        _check_drawn(self, "FA", "feedback")
-
-    def feedback_weight(
-        self, *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "..."]:
-        return self.feedback
-
-
-class KP(AbstractRule):
+class KP(AbstractStoredRule[_Layer]):
     """Kolen-Pollack (Kolen & Pollack 1994; Akrout et al. 2019).
 
     As Feedback Alignment, but `B` receives the weight's own update:
@@ -251,27 +280,12 @@ class KP(AbstractRule):
     [`bioflax_eqx.decay_mask`][], which includes `feedback` for this layer.
     """
 
-    layer: eqx.Module
-    feedback: Float[Array, "..."]
+    # The base's own: a type checker would otherwise synthesise a dataclass one.
+    __init__ = AbstractStoredRule.__init__
     trains_feedback: ClassVar[bool] = True
 
-    def __init__(
-        self, layer: eqx.Module, *, feedback_scale: float = 1.0, key: PRNGKeyArray
-    ):
-        """**Arguments:** as [`bioflax_eqx.FA`][]."""
-        self.feedback = _draw(layer, "KP", feedback_scale, key)
-        self.layer = layer
 
-    def __check_init__(self):
-        _check_drawn(self, "KP", "feedback")
-
-    def feedback_weight(
-        self, *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "..."]:
-        return self.feedback
-
-
-class USF(AbstractRule):
+class USF(AbstractScaledSignRule[_Layer]):
     """Uniform sign-concordant feedback, uSF (Liao, Leibo & Poggio 2016; named as in
     Sanfiz & Akrout 2021).
 
@@ -283,33 +297,10 @@ class USF(AbstractRule):
     \\mathrm{fan\\_in}}$, times `feedback_scale`. Nothing in $B$ is learned or stored.
     """
 
-    layer: eqx.Module
-    scale: float = eqx.field(static=True)
+    # The base's own: a type checker would otherwise synthesise a dataclass one.
+    __init__ = AbstractScaledSignRule.__init__
     trains_feedback: ClassVar[bool] = False
-
-    def __init__(
-        self,
-        layer: eqx.Module,
-        *,
-        feedback_scale: float = 1.0,
-        key: PRNGKeyArray | None = None,
-    ):
-        """**Arguments:**
-
-        - `layer`: the layer to wrap.
-        - `feedback_scale`: multiplies the default scale `1/√(3·fan_in)`.
-        - `key`: unused (nothing is drawn); accepted so that every rule is built
-            alike.
-        """
-        del key
-        check_layer(layer, "USF")
-        check_scale("feedback_scale", feedback_scale)
-        self.layer = layer
-        self.scale = feedback_scale / math.sqrt(3 * fan_in(self.weight))
-
-    def __check_init__(self):
-        check_layer(self.layer, "USF")
-        check_scale("scale", self.scale)
+    fan_in_factor: ClassVar[int] = 3
 
     @property
     def feedback(self) -> Float[Array, "..."]:
@@ -321,7 +312,7 @@ class USF(AbstractRule):
         return self.feedback
 
 
-class FRSF(AbstractRule):
+class FRSF(AbstractRule[_Layer]):
     """Fixed random-magnitude sign-concordant feedback, frSF (Sanfiz & Akrout 2021).
 
     $$B = |B_0| \\circ \\operatorname{sign}(W),$$
@@ -330,12 +321,12 @@ class FRSF(AbstractRule):
     feedback and never trained; the signs follow the current $W$ on every call.
     """
 
-    layer: eqx.Module
+    layer: _Layer
     magnitude: Float[Array, "..."]
     trains_feedback: ClassVar[bool] = False
 
     def __init__(
-        self, layer: eqx.Module, *, feedback_scale: float = 1.0, key: PRNGKeyArray
+        self, layer: _Layer, *, feedback_scale: float = 1.0, key: PRNGKeyArray
     ):
         """**Arguments:** as [`bioflax_eqx.FA`][]; `magnitude` is drawn as FA's
         `feedback`."""
@@ -343,7 +334,7 @@ class FRSF(AbstractRule):
         self.layer = layer
 
     def __check_init__(self):
-        _check_drawn(self, "FRSF", "magnitude")
+        _check_drawn(self, "magnitude")
 
     @property
     def feedback(self) -> Float[Array, "..."]:
@@ -357,7 +348,7 @@ class FRSF(AbstractRule):
         return self.feedback
 
 
-class BRSF(AbstractRule):
+class BRSF(AbstractScaledSignRule[_Layer]):
     """Batchwise random-magnitude sign-concordant feedback, brSF (Sanfiz & Akrout
     2021).
 
@@ -373,28 +364,10 @@ class BRSF(AbstractRule):
     \\operatorname{sign}(W)$.
     """
 
-    layer: eqx.Module
-    scale: float = eqx.field(static=True)
+    # The base's own: a type checker would otherwise synthesise a dataclass one.
+    __init__ = AbstractScaledSignRule.__init__
     trains_feedback: ClassVar[bool] = False
-
-    def __init__(
-        self,
-        layer: eqx.Module,
-        *,
-        feedback_scale: float = 1.0,
-        key: PRNGKeyArray | None = None,
-    ):
-        """**Arguments:** as [`bioflax_eqx.USF`][]; `M` is drawn on every call from
-        `U(-s/√fan_in, s/√fan_in)` with `s = feedback_scale`."""
-        del key
-        check_layer(layer, "BRSF")
-        check_scale("feedback_scale", feedback_scale)
-        self.layer = layer
-        self.scale = feedback_scale / math.sqrt(fan_in(self.weight))
-
-    def __check_init__(self):
-        check_layer(self.layer, "BRSF")
-        check_scale("scale", self.scale)
+    fan_in_factor: ClassVar[int] = 1
 
     @property
     def feedback(self) -> Float[Array, "..."]:
@@ -413,7 +386,7 @@ class BRSF(AbstractRule):
         return jnp.abs(magnitude) * jnp.sign(self.weight)
 
 
-class WM(AbstractRule):
+class WM(AbstractStoredRule[_Layer]):
     """Weight mirror (Akrout, Wilson, Humphreys, Lillicrap & Tweed 2019).
 
     The learning phase is Feedback Alignment's with the current `B`:
@@ -433,24 +406,9 @@ class WM(AbstractRule):
     receives no gradient from the loss: mask it out of the optimiser like FA's.
     """
 
-    layer: eqx.Module
-    feedback: Float[Array, "..."]
+    # The base's own: a type checker would otherwise synthesise a dataclass one.
+    __init__ = AbstractStoredRule.__init__
     trains_feedback: ClassVar[bool] = False
-
-    def __init__(
-        self, layer: eqx.Module, *, feedback_scale: float = 1.0, key: PRNGKeyArray
-    ):
-        """**Arguments:** as [`bioflax_eqx.FA`][]: `B` starts as FA's random draw."""
-        self.feedback = _draw(layer, "WM", feedback_scale, key)
-        self.layer = layer
-
-    def __check_init__(self):
-        _check_drawn(self, "WM", "feedback")
-
-    def feedback_weight(
-        self, *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "..."]:
-        return self.feedback
 
     def mirrored(
         self,
@@ -473,75 +431,6 @@ class WM(AbstractRule):
             weight.shape
         )
         return eqx.tree_at(lambda m: m.feedback, self, feedback.astype(weight.dtype))
-
-
-def mirror(
-    model: PyTree,
-    key: PRNGKeyArray,
-    *,
-    lr: float = 0.005,
-    noise_std: float = 1.0,
-    decay: float = 1.0,
-    batch_size: int = 256,
-) -> PyTree:
-    """One mirror step of every [`bioflax_eqx.WM`][] layer in a model.
-
-    Each layer, independently of the data and of the others, draws `batch_size`
-    noise inputs $x_n \\sim \\mathcal N(0, \\sigma^2 I)$, computes $y_n = W x_n$ and
-    updates
-
-    $$B \\leftarrow (1 - \\eta_B \\lambda_B) B + \\frac{\\eta_B}{N} \\sum_n y_n
-    x_n^\\top .$$
-
-    The weight is read as a matrix of shape `(out, fan_in)`; for a convolution that
-    is the layer's operator applied to a noise patch the size of its receptive field
-    (one output position, no padding), so $\\mathbb E[y x^\\top] = \\sigma^2 W$ holds
-    for kernels too. The fixed point is $B = \\sigma^2 W / \\lambda_B$: with the
-    defaults, `B` tracks `W` itself.
-
-    **Arguments:**
-
-    - `model`: any model holding WM layers (others are left as they are).
-    - `key`: the noise; a fresh key per call.
-    - `lr`: the mirror learning rate $\\eta_B$.
-    - `noise_std`: the noise scale $\\sigma$.
-    - `decay`: the weight decay $\\lambda_B$ of `B`.
-    - `batch_size`: the number $N$ of noise inputs per layer and step.
-
-    **Returns:**
-
-    The model with every WM layer's `feedback` updated; nothing else changes.
-    """
-    check_scale("lr", lr)
-    check_scale("noise_std", noise_std)
-    if not (isinstance(decay, int | float) and math.isfinite(decay) and decay >= 0):
-        raise ValueError(f"`decay` must be a non-negative number, got {decay!r}.")
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, int)
-        or batch_size < 1
-    ):
-        raise ValueError(
-            f"`batch_size` must be a positive integer, got {batch_size!r}."
-        )
-    is_wm = lambda x: isinstance(x, WM)  # noqa: E731
-    count = sum(is_wm(x) for x in jax.tree_util.tree_leaves(model, is_leaf=is_wm))
-    keys = iter(jax.random.split(key, max(count, 1)))
-    return jax.tree_util.tree_map(
-        lambda x: (
-            x.mirrored(
-                next(keys),
-                lr=lr,
-                noise_std=noise_std,
-                decay=decay,
-                batch_size=batch_size,
-            )
-            if is_wm(x)
-            else x
-        ),
-        model,
-        is_leaf=is_wm,
-    )
 
 
 # Every rule but backprop and DFA wraps a layer alike.

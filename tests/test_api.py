@@ -80,18 +80,31 @@ def test_public_names():
             assert (obj.__doc__ or "").strip(), f"bfx.{name} has no docstring"
 
 
+def _is_abstract(cls: type) -> bool:
+    """Whether Equinox refuses to build `cls` for something it leaves abstract."""
+    return bool(
+        getattr(cls, "__abstractmethods__", ())
+        or getattr(cls, "__abstractvars__", ())
+        or getattr(cls, "__abstractclassvars__", ())
+    )
+
+
 def test_abstract_base_and_final_rules(getkey):
     # The extension point is abstract: it cannot be built on its own.
     with pytest.raises(TypeError, match="abstract"):
         bfx.AbstractRule()  # pyright: ignore[reportAbstractUsage, reportCallIssue]
+    for cls in (*WRAPPERS, bfx.DFA, bfx.DFAFeedback):
+        assert issubclass(cls, bfx.AbstractFeedback)
+        assert not _is_abstract(cls), cls
+        # Final: every class above a rule is abstract (no rule builds on another).
+        above = [b for b in cls.__mro__[1:] if issubclass(b, bfx.AbstractFeedback)]
+        assert all(_is_abstract(b) for b in above), (cls, above)
     for cls in WRAPPERS:
         assert issubclass(cls, bfx.AbstractRule)
-        assert issubclass(cls, bfx.AbstractFeedback)
-        # Final: every class above a rule is abstract (no rule builds on another).
-        assert cls.__bases__ == (bfx.AbstractRule,), cls
-        assert not any(issubclass(cls, other) for other in WRAPPERS if other is not cls)
+    # FA, KP and WM share their stored feedback; uSF and brSF their sign feedback.
+    assert bfx.FA.__init__ is bfx.KP.__init__ is bfx.WM.__init__
+    assert bfx.USF.__init__ is bfx.BRSF.__init__
     for cls in (bfx.DFA, bfx.DFAFeedback):
-        assert cls.__bases__ == (bfx.AbstractFeedback,), cls
         assert not issubclass(cls, bfx.AbstractRule)
     # Only Kolen-Pollack's feedback learns from the loss (WM's learns by mirroring).
     assert [cls.trains_feedback for cls in WRAPPERS] == [False, True] + [False] * 4
@@ -391,3 +404,104 @@ def test_errors_are_clear(getkey):
     # Mismatched shapes between arguments are caught by the jaxtyping annotations.
     with pytest.raises(TypeCheckError, match="channel"):
         bfx.close_error_channel(jnp.zeros(3), jnp.zeros(2))
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda k: bfx.MLP(4, 3, 5, True, rule="fa", key=k),
+            "`depth` must be a non-negative integer, got True.",
+        ),
+        (
+            lambda k: bfx.DFAFeedback((3, -1), 2, key=k),
+            "`shape[1]` must be a positive integer, got -1.",
+        ),
+        (
+            lambda k: bfx.FA(
+                eqx.nn.Linear(2, 2, key=k), feedback_scale=float("inf"), key=k
+            ),
+            "`feedback_scale` must be a positive finite number, got inf.",
+        ),
+        (
+            lambda k: bfx.mirror(bfx.MLP(2, 2, 2, 0, rule="wm", key=k), k, decay=-1.0),
+            "`decay` must be a non-negative finite number, got -1.0.",
+        ),
+        (
+            lambda k: bfx.mirror(
+                bfx.MLP(2, 2, 2, 0, rule="wm", key=k), k, batch_size=0
+            ),
+            "`batch_size` must be a positive integer, got 0.",
+        ),
+        (
+            lambda k: bfx.sine(k, n_train=0, n_test=1),
+            "`n_train` must be a positive integer, got 0.",
+        ),
+        (
+            lambda k: bfx.teacher_student(
+                k, n_train=2, n_test=1, in_size=2, out_size=1, width=3, depth=-1
+            ),
+            "`depth` must be a non-negative integer, got -1.",
+        ),
+        (
+            lambda k: bfx.augment_images(k, jnp.zeros(4), (1, 2, 2), pad=-1),
+            "`pad` must be a non-negative integer, got -1.",
+        ),
+        (
+            lambda k: bfx.load_dataset("mnist", limit=0),
+            "`limit` must be a positive integer, got 0.",
+        ),
+    ],
+)
+def test_argument_checks_share_one_message_style(call, message, getkey):
+    with pytest.raises(ValueError) as info:
+        call(getkey())
+    assert str(info.value) == message
+
+
+def test_the_rule_of_an_mlp_is_read_off_all_its_layers(getkey):
+    fa = bfx.MLP(4, 3, 5, 1, rule="fa", key=getkey())
+    assert fa.rule == "fa"
+    assert bfx.MLP(4, 3, 5, 1, rule="dfa", key=getkey()).rule == "dfa"
+    assert bfx.MLP(4, 3, 5, 1, rule="bp", key=getkey()).rule == "bp"
+    # One layer swapped for another rule's: no single rule any more.
+    kp = bfx.KP(fa.layers[1].layer, key=getkey())
+    mixed = eqx.tree_at(lambda m: m.layers[1], fa, kp)
+    assert mixed.rule is None
+
+
+class _TanhLayer(eqx.Module):
+    """A layer of one's own with a `weight`, but not linear in its input."""
+
+    weight: jax.Array
+
+    def __call__(self, x, *, key=None):
+        return jnp.tanh(self.weight @ x)
+
+
+@pytest.mark.parametrize("rule", [bfx.FA, bfx.KP, bfx.WM, bfx.FRSF, bfx.USF, bfx.BRSF])
+def test_layers_not_linear_in_their_input_are_refused(rule, getkey):
+    # Their input is known from the layer: refused as they are wrapped.
+    with pytest.raises(ValueError, match="LayerNorm is not"):
+        rule(eqx.nn.LayerNorm(4), key=getkey())
+    with pytest.raises(ValueError, match="Embedding takes int32 input"):
+        rule(eqx.nn.Embedding(5, 4, key=getkey()), key=getkey())
+    # A layer of one's own says nothing of its input: refused at its first call.
+    layer = rule(_TanhLayer(jnp.ones((3, 4))), key=getkey())
+    with pytest.raises(ValueError, match="_TanhLayer is not"):
+        layer(jnp.ones(4), key=getkey())
+    # Affine layers of every kind pass, with or without bias.
+    for linear in (
+        eqx.nn.Linear("scalar", 3, key=getkey()),
+        eqx.nn.Linear(4, 3, use_bias=False, key=getkey()),
+        eqx.nn.Conv2d(2, 3, (3, 5), dilation=(1, 2), padding="SAME", key=getkey()),
+        eqx.nn.ConvTranspose1d(2, 3, 3, stride=2, padding=1, key=getkey()),
+    ):
+        rule(linear, key=getkey())
+
+
+@pytest.mark.parametrize("rule", bfx.RULES)
+def test_convert_refuses_a_model_with_nothing_to_convert(rule, getkey):
+    norm = [eqx.nn.LayerNorm(4), jnp.ones(3), "not a layer"]
+    with pytest.raises(ValueError, match="convert found no layer to wrap in the list"):
+        bfx.convert(norm, rule, key=getkey(), error_features=2)

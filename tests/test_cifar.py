@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 import bioflax_eqx as bfx
-from bioflax_eqx import _data
-from bioflax_eqx._data import DataNotFoundError, load_dataset
+from bioflax_eqx.data import DataNotFoundError, _cifar, _download, load_dataset
+from bioflax_eqx.data._batches import _crop_and_flip
 
 
 ARCHIVE = "cifar-10-binary.tar.gz"
@@ -95,7 +95,7 @@ def archive_dir(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch):
     """A folder holding a generated archive, whose MD5 is made the expected one."""
     folder = tmp_path / "cifar10"
     folder.mkdir()
-    monkeypatch.setattr(_data, "_CIFAR10_MD5", _write_archive(folder / ARCHIVE))
+    monkeypatch.setattr(_cifar, "_CIFAR10_MD5", _write_archive(folder / ARCHIVE))
     return folder
 
 
@@ -295,7 +295,7 @@ def test_malformed_archive_with_matching_checksum(
     path = archive_dir / ARCHIVE
     damage(path)
     monkeypatch.setattr(
-        _data, "_CIFAR10_MD5", hashlib.md5(path.read_bytes()).hexdigest()
+        _cifar, "_CIFAR10_MD5", hashlib.md5(path.read_bytes()).hexdigest()
     )
     with pytest.raises(ValueError, match=message) as info:
         load_dataset("cifar10", archive_dir, download=False, val_size=1)
@@ -355,8 +355,8 @@ def test_cache_folder_is_per_data_set(tmp_path, monkeypatch):
 
 def test_download_once_into_the_folder(tmp_path, monkeypatch, server):
     served, url = server
-    monkeypatch.setattr(_data, "_CIFAR10_MD5", _write_archive(served / ARCHIVE))
-    monkeypatch.setitem(_data._MIRRORS, "cifar10", (url,))
+    monkeypatch.setattr(_cifar, "_CIFAR10_MD5", _write_archive(served / ARCHIVE))
+    monkeypatch.setitem(_download.MIRRORS, "cifar10", (url,))
     folder = tmp_path / "cache" / "cifar10"
     ds = load_dataset("cifar10", folder, val_size=2, limit=6)
     np.testing.assert_array_equal(ds.test.y, TEST_LABELS[:6])
@@ -371,7 +371,7 @@ def test_download_once_into_the_folder(tmp_path, monkeypatch, server):
 def test_download_with_wrong_checksum_is_not_kept(tmp_path, monkeypatch, server):
     served, url = server
     _write_archive(served / ARCHIVE)  # Not the published MD5.
-    monkeypatch.setitem(_data._MIRRORS, "cifar10", (url,))
+    monkeypatch.setitem(_download.MIRRORS, "cifar10", (url,))
     folder = tmp_path / "cifar10"
     with pytest.raises(DataNotFoundError, match="md5 checksum mismatch") as info:
         load_dataset("cifar10", folder, val_size=1)
@@ -382,9 +382,9 @@ def test_download_with_wrong_checksum_is_not_kept(tmp_path, monkeypatch, server)
 def test_download_of_a_non_archive_is_not_kept(tmp_path, monkeypatch, server):
     served, url = server
     (served / ARCHIVE).write_bytes(b"<html>moved</html>")
-    monkeypatch.setitem(_data._MIRRORS, "cifar10", (url,))
+    monkeypatch.setitem(_download.MIRRORS, "cifar10", (url,))
     monkeypatch.setattr(
-        _data, "_CIFAR10_MD5", hashlib.md5(b"<html>moved</html>").hexdigest()
+        _cifar, "_CIFAR10_MD5", hashlib.md5(b"<html>moved</html>").hexdigest()
     )
     folder = tmp_path / "cifar10"
     with pytest.raises(DataNotFoundError, match="corrupt or truncated"):
@@ -433,23 +433,19 @@ def test_crop_and_flip_matches_numpy(getkey):
     for pad in (2, 0):
         if pad == 0:
             offsets = np.zeros_like(offsets)
-        got = _data._crop_and_flip(
-            images, jnp.asarray(offsets), jnp.asarray(flips), pad
-        )
+        got = _crop_and_flip(images, jnp.asarray(offsets), jnp.asarray(flips), pad)
         np.testing.assert_array_equal(
             got, _reference(np.asarray(images), offsets, flips, pad)
         )
     got = np.asarray(
-        _data._crop_and_flip(
+        _crop_and_flip(
             images, jnp.asarray([[2, 2]] * 5, jnp.int32), jnp.zeros(5, bool), 2
         )
     )
     np.testing.assert_array_equal(got, images)
     # Offset (0, 0): shifted down and right, zeros on the top and left.
     got = np.asarray(
-        _data._crop_and_flip(
-            images, jnp.zeros((5, 2), jnp.int32), jnp.zeros(5, bool), 2
-        )
+        _crop_and_flip(images, jnp.zeros((5, 2), jnp.int32), jnp.zeros(5, bool), 2)
     )
     assert (got[:, :, :2, :] == 0).all() and (got[:, :, :, :2] == 0).all()
     np.testing.assert_array_equal(got[:, :, 2:, 2:], np.asarray(images)[:, :, :4, :5])

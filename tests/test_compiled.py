@@ -125,3 +125,11 @@ def test_no_cotangent_for_the_data(rule, getkey):
     model = bfx.MLP(IN, OUT, WIDTH, 2, rule=rule, key=getkey())
     hlo = _compiled_grad_hlo(model)
     assert re.findall(rf"f(?:32|64)\[{BATCH},{IN}\]\{{[\d,]*\}} dot\(", hlo) == []
+
+
+@pytest.mark.parametrize("rule", [r for r in bfx.RULES if r != "bp"])
+def test_the_compiled_program_names_the_rule(rule, getkey):
+    # As `eqx.nn.WeightNorm` does: a profile or an HLO dump says which rule ran.
+    model = bfx.MLP(IN, OUT, WIDTH, 1, rule=rule, key=getkey())
+    hlo = _compiled_grad_hlo(model)
+    assert re.search(rf'op_name="[^"]*\bbfx\.{rule.upper()}\b', hlo)

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bioflax_eqx import _data
-from bioflax_eqx._data import (
+from bioflax_eqx.data import (
     DataNotFoundError,
     Dataset,
+    _download,
     epoch_batches,
     load_dataset,
     read_idx,
@@ -211,7 +211,7 @@ def test_missing_files_without_download(mnist_dir: pathlib.Path, tmp_path):
 
 
 def test_offline_download_fails_cleanly(tmp_path, monkeypatch):
-    monkeypatch.setitem(_data._MIRRORS, "mnist", (UNREACHABLE,))
+    monkeypatch.setitem(_download.MIRRORS, "mnist", (UNREACHABLE,))
     folder = tmp_path / "new" / "mnist"
     with pytest.raises(DataNotFoundError) as info:
         load_dataset("mnist", folder)
@@ -228,7 +228,7 @@ def test_download_falls_back_to_next_mirror(mnist_dir, tmp_path, monkeypatch, se
     served, url = server
     name = "t10k-labels-idx1-ubyte.gz"
     shutil.copy(mnist_dir / name, served / name)
-    monkeypatch.setitem(_data._MIRRORS, "mnist", (UNREACHABLE, url))
+    monkeypatch.setitem(_download.MIRRORS, "mnist", (UNREACHABLE, url))
     folder = tmp_path / "data"
     _link_all_but(mnist_dir, folder, name)
     ds = load_dataset("mnist", folder, limit=20, val_size=5)
@@ -245,7 +245,7 @@ def test_download_checksum_mismatch(mnist_dir, tmp_path, monkeypatch, server, da
     raw[-1] = (raw[-1] + 1) % 10  # valid IDX, wrong content
     # Served MNIST labels are a wrong file for Fashion-MNIST whatever their bytes.
     (served / name).write_bytes(gzip.compress(bytes(raw)))
-    monkeypatch.setitem(_data._MIRRORS, dataset, (url,))
+    monkeypatch.setitem(_download.MIRRORS, dataset, (url,))
     folder = tmp_path / "data"
     _link_all_but(mnist_dir, folder, name)
     with pytest.raises(DataNotFoundError, match="checksum mismatch") as info:
@@ -262,7 +262,7 @@ def test_download_of_a_truncated_file_is_rejected(
     name = "t10k-images-idx3-ubyte.gz"
     gz = (mnist_dir / name).read_bytes()
     (served / name).write_bytes(gz[: len(gz) // 3])
-    monkeypatch.setitem(_data._MIRRORS, "mnist", (url,))
+    monkeypatch.setitem(_download.MIRRORS, "mnist", (url,))
     folder = tmp_path / "data"
     _link_all_but(mnist_dir, folder, name)
     with pytest.raises(DataNotFoundError, match="corrupt or truncated"):

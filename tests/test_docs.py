@@ -1,7 +1,7 @@
 """Checks of the documentation site (mkdocs.yml, docs/).
 
 - The API reference lists every public name of `bioflax_eqx`, and nothing else.
-- The ```python examples of each page run (once the names they use exist).
+- The ```python examples of each page run, and every `bfx.NAME` they use exists.
 - With BIOFLAX_EQX_DOCS=1 and mkdocs installed: `mkdocs build --strict` succeeds and
   the site loads nothing from outside itself.
 - With, in addition, Chromium at /usr/bin/chromium: the theory pages, served on
@@ -23,6 +23,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import jax
 import pytest
+
+import bioflax_eqx
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -55,14 +57,6 @@ def _documented_paths() -> list[str]:
     return [m for page in _api_pages() for m in _API_ENTRY.findall(_markdown(page))]
 
 
-def _landed_package() -> types.ModuleType:
-    """`bioflax_eqx`, or a skip while it is missing or still an empty folder."""
-    module = pytest.importorskip("bioflax_eqx")
-    if getattr(module, "__file__", None) is None:
-        pytest.skip("bioflax_eqx has no __init__.py yet")
-    return module
-
-
 def _public_names(module: types.ModuleType) -> set[str]:
     names = getattr(module, "__all__", None)
     if names is None:
@@ -84,7 +78,7 @@ def test_api_pages_exist():
 
 
 def test_api_pages_document_every_public_name():
-    module = _landed_package()
+    module = bioflax_eqx
     documented = {path.split(".")[1] for path in _documented_paths()}
     missing = sorted(_public_names(module) - documented)
     assert not missing, (
@@ -93,7 +87,7 @@ def test_api_pages_document_every_public_name():
 
 
 def test_api_entries_name_public_objects():
-    module = _landed_package()
+    module = bioflax_eqx
     public = _public_names(module)
     wrong = []
     for path in _documented_paths():
@@ -119,12 +113,12 @@ def _pages_with_examples() -> list[pathlib.Path]:
 )
 def test_python_examples_run(page: pathlib.Path):
     """Each page's ```python blocks run in order, in one namespace per page."""
-    module = _landed_package()
+    module = bioflax_eqx
     blocks = _PY_BLOCK.findall(_markdown(page))
     used = {name for block in blocks for name in _PKG_REF.findall(block)}
     absent = sorted(name for name in used if not hasattr(module, name))
-    if absent:
-        pytest.skip(f"bioflax_eqx does not have {absent} yet")
+    # A failure, not a skip: a renamed export must not silence its examples.
+    assert not absent, f"{page.name} uses names bioflax_eqx does not export: {absent}"
     namespace: dict[str, object] = {"__name__": f"docs_example_{page.stem}"}
     # The examples are user code, run with JAX's default dtype promotion: optax's Adam
     # bias correction, for one, mixes a float with an int32 step count.
@@ -132,6 +126,13 @@ def test_python_examples_run(page: pathlib.Path):
         for number, block in enumerate(blocks, start=1):
             name = f"{page.relative_to(ROOT)} (block {number})"
             exec(compile(block, name, "exec"), namespace)
+
+
+def test_an_example_using_a_missing_name_fails(tmp_path: pathlib.Path):
+    page = tmp_path / "page.md"
+    page.write_text("```python\nimport bioflax_eqx as bfx\nbfx.no_such_name\n```\n")
+    with pytest.raises(AssertionError, match=r"does not export: \['no_such_name'\]"):
+        test_python_examples_run(page)
 
 
 # ------------------------------------------------------------------------ strict build

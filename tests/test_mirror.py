@@ -99,15 +99,19 @@ def test_learning_phase_is_feedback_alignment(getkey):
 
 
 def test_mirror_leaves_other_rules_alone_and_checks_arguments(getkey):
-    model = bfx.MLP(4, 2, 3, 1, rule="fa", key=getkey())
-    assert bfx.mirror(model, getkey()) is not None
-    same = bfx.mirror(model, getkey())
+    linear = eqx.nn.Linear(4, 3, key=getkey())
+    model = [bfx.FA(linear, key=getkey()), bfx.WM(linear, key=getkey())]
+    fa, wm = bfx.mirror(model, getkey())
     assert all(
         jnp.array_equal(a, b)
         for a, b in zip(
-            jax.tree_util.tree_leaves(model), jax.tree_util.tree_leaves(same)
+            jax.tree_util.tree_leaves(fa), jax.tree_util.tree_leaves(model[0])
         )
     )
+    assert not jnp.array_equal(wm.feedback, model[1].feedback)
+    # A model with nothing to mirror is refused, not returned unchanged.
+    with pytest.raises(ValueError, match="no `bfx.WM` layer in the MLP"):
+        bfx.mirror(bfx.MLP(4, 2, 3, 1, rule="fa", key=getkey()), getkey())
     with pytest.raises(ValueError, match="batch_size"):
         bfx.mirror(model, getkey(), batch_size=0)
     with pytest.raises(ValueError, match="lr"):

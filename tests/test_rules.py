@@ -72,6 +72,7 @@ def reference_gradients(model: bfx.MLP, x, t, key):
     """The update of each rule for L = Σ_batch ½‖y − t‖², tanh hidden units:
     `(dW, db, {field: d field})` per layer, fields in their stored layout."""
     rule = model.rule
+    assert rule is not None
     # The MLP splits its key into one per layer (brSF draws from it).
     keys = jax.random.split(key, len(model.layers))
     ws = [np.asarray(layer.weight) for layer in layers_of(model)]

@@ -11,8 +11,8 @@ from typing import Any
 
 import jax
 
-from .._data import DataNotFoundError
 from .._rules import RULES
+from ..data import DataNotFoundError
 from ._checkpoint import CheckpointError, read_header
 from ._config import ConfigError, TrainConfig, field_type
 from ._run import (

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from .._rules import RULES
+from ..data import IMAGE_SHAPES as IMAGE_SHAPES
 
 
 DATASETS: tuple[str, ...] = (
@@ -32,16 +33,11 @@ ACTIVATIONS: dict[str, Callable] = {
     "sigmoid": jax.nn.sigmoid,
 }
 
-# Training and test examples of the image data sets, and one image's shape.
+# Training and test examples of the image data sets.
 IMAGE_SIZES = {
     "mnist": (60_000, 10_000),
     "fashion_mnist": (60_000, 10_000),
     "cifar10": (50_000, 10_000),
-}
-IMAGE_SHAPES = {
-    "mnist": (1, 28, 28),
-    "fashion_mnist": (1, 28, 28),
-    "cifar10": (3, 32, 32),
 }
 # The teacher network of `dataset="teacher_student"`: in, out, width, depth.
 TEACHER = (32, 4, 64, 2)

@@ -15,7 +15,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Shaped
 
-from .._data import epoch_batches
+from ..data import epoch_batches
 
 
 @eqx.filter_jit

@@ -29,8 +29,14 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
-from .._convert import convert, linear_layers
-from .._data import (
+from .._convert import convert
+from .._dfa import DFA
+from .._layers import linear_layers, rule_of
+from .._metrics import alignment_metrics
+from .._mirror import mirror
+from .._optim import decay_mask, feedback_labels, freeze_feedback, trainable
+from .._rules import RULES, WM
+from ..data import (
     DataNotFoundError,
     Dataset,
     augment_images,
@@ -38,10 +44,6 @@ from .._data import (
     sine,
     teacher_student,
 )
-from .._dfa import DFA
-from .._metrics import alignment_metrics
-from .._optim import decay_mask, feedback_labels, freeze_feedback, trainable
-from .._rules import RULES, WM, WRAPPERS, AbstractFeedback, AbstractRule, mirror
 from ._checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -276,26 +278,6 @@ def _build_model(config: TrainConfig, key: PRNGKeyArray) -> tuple[Any, Any]:
     return _split_state(model)
 
 
-def _rule_of(model: PyTree) -> str | None:
-    """The rule of a model's wrappers: `"bp"` without any, `None` if mixed."""
-    wrappers = [
-        x
-        for x in jax.tree_util.tree_leaves(
-            model, is_leaf=lambda x: isinstance(x, AbstractFeedback)
-        )
-        if isinstance(x, AbstractFeedback)
-    ]
-    if not wrappers:
-        return "bp"
-    if all(not isinstance(x, AbstractRule) for x in wrappers):
-        return "dfa"
-    kinds = {type(x) for x in wrappers}
-    for rule, wrapper in WRAPPERS.items():
-        if kinds == {wrapper}:
-            return rule
-    return None
-
-
 def _check_custom(config: TrainConfig, model: Any) -> None:
     if config.model != "custom":
         if model is not None:
@@ -312,7 +294,7 @@ def _check_custom(config: TrainConfig, model: Any) -> None:
         )
     if not linear_layers(model):
         raise ValueError("the model passed has no linear layers to train.")
-    found = _rule_of(model)
+    found = rule_of(model)
     if found != config.rule and not (config.rule == "dfa" and isinstance(model, DFA)):
         raise ConfigError(
             "rule",

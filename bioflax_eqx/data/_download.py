@@ -1,0 +1,140 @@
+"""Where a data set's files live, and fetching them from mirrors into that folder,
+verified against checksums, with nothing partial ever left behind."""
+
+import hashlib
+import http.client
+import logging
+import os
+import pathlib
+import tempfile
+import urllib.request
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+
+_log = logging.getLogger(__name__)
+
+DATA_ENV_VAR = "BIOFLAX_EQX_DATA"
+
+MIRRORS: dict[str, tuple[str, ...]] = {
+    "mnist": (
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    ),
+    "fashion_mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/",),
+}
+
+
+class Checksum(NamedTuple):
+    algorithm: str
+    hexdigest: str
+    # True: digest of the decompressed IDX bytes, which survives re-gzipping (the
+    # mirrors' .gz files and the project's shared copies differ byte-wise).
+    # False: digest of the file exactly as served.
+    of_payload: bool
+
+
+# Seconds to wait on a silent connection: an offline machine should fail fast.
+_TIMEOUT_S = 10.0
+
+
+def resolve_data_dir(
+    data_dir: str | os.PathLike[str] | None, dataset: str
+) -> pathlib.Path:
+    """Finds the folder that holds (or will hold) a data set's files.
+
+    **Arguments:**
+
+    - `data_dir`: an explicit folder (e.g. from `--data-dir`); wins if given.
+    - `dataset`: the data set's name, e.g. `"mnist"`; names the cache subfolder.
+
+    **Returns:**
+
+    In order of precedence: `data_dir`; else the folder in the environment
+    variable `BIOFLAX_EQX_DATA`; else `$XDG_CACHE_HOME/bioflax_eqx/<dataset>` or
+    `~/.cache/bioflax_eqx/<dataset>`. An explicit folder or the environment
+    variable names the folder holding the files themselves, not a parent. The
+    folder is not created.
+    """
+    if data_dir is not None:
+        return pathlib.Path(data_dir).expanduser()
+    env = os.environ.get(DATA_ENV_VAR)
+    if env:
+        return pathlib.Path(env).expanduser()
+    # The XDG spec says to ignore a relative XDG_CACHE_HOME.
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and os.path.isabs(xdg):
+        cache = pathlib.Path(xdg)
+    else:
+        cache = pathlib.Path.home() / ".cache"
+    return cache / "bioflax_eqx" / dataset
+
+
+def file_digest(path: pathlib.Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fetch(
+    url: str,
+    dest: pathlib.Path,
+    checksum: Checksum,
+    validate: Callable[[pathlib.Path, str], str | None],
+) -> None:
+    """Downloads `url` to `dest` via a temporary file that is renamed only once the
+    content has verified, so `dest` is never partial and no temporary file stays.
+
+    `validate(path, hash_name)` parses the download in full (raising `ValueError`
+    if it is malformed) and returns the digest of its payload, or None."""
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+    tmp = pathlib.Path(tmp_name)
+    try:
+        file_hash = hashlib.new(checksum.algorithm)
+        with os.fdopen(fd, "wb") as out:
+            with urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    file_hash.update(chunk)
+        payload_digest = validate(tmp, checksum.algorithm)
+        got = payload_digest if checksum.of_payload else file_hash.hexdigest()
+        if got != checksum.hexdigest:
+            raise ValueError(
+                f"{checksum.algorithm} checksum mismatch: expected "
+                f"{checksum.hexdigest}, got {got}"
+            )
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def download_files(
+    dataset: str,
+    folder: pathlib.Path,
+    files: Sequence[tuple[str, Checksum]],
+    validate: Callable[[pathlib.Path, str], str | None],
+) -> str | None:
+    """Downloads the missing files (names, as on the mirrors, with their
+    checksums) into `folder`; returns why it failed, or None."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create {folder}: {e}"
+    for file_name, checksum in files:
+        reasons = []
+        for mirror in MIRRORS[dataset]:
+            url = f"{mirror}{file_name}"
+            _log.info("downloading %s", url)
+            try:
+                _fetch(url, folder / file_name, checksum, validate)
+                break
+            except (OSError, http.client.HTTPException, ValueError) as e:
+                reasons.append(f"  {url}: {e}")
+        else:
+            # Offline, every later file would fail the same way: stop here.
+            return "downloading failed:\n" + "\n".join(reasons)
+    return None
