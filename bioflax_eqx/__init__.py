@@ -1,5 +1,6 @@
 """Equinox layers for learning without weight transport."""
 
+from ._block_pool import BlockMaxPool as BlockMaxPool
 from ._convert import convert as convert
 from ._dfa import (
     DFA as DFA,
@@ -7,6 +8,12 @@ from ._dfa import (
     Sequential as Sequential,
     close_error_channel as close_error_channel,
     open_error_channel as open_error_channel,
+)
+from ._im2col import Im2colConv as Im2colConv, conv_im2col as conv_im2col
+from ._lowering import (
+    choose_conv_path as choose_conv_path,
+    im2col_layers as im2col_layers,
+    xla_layers as xla_layers,
 )
 from ._metrics import (
     alignment_metrics as alignment_metrics,

@@ -60,11 +60,20 @@ def check_layer(layer: object, name: str) -> None:
         )
 
 
+def _as_computed(layer: object) -> object:
+    """The convolution that `bfx.Im2colConv` computes (its custom derivatives are
+    not transposable by `jax.linear_transpose`, the function is the same), else
+    `layer`."""
+    conv = getattr(layer, "conv", None)
+    return conv if isinstance(conv, eqx.nn.Conv) else layer
+
+
 def example_input(layer: object) -> jax.ShapeDtypeStruct | None:
     """One example's input to `layer`, when the layer itself says it: a dense
     layer's `in_features`; a convolution's `in_channels`, with the smallest
     spatial size its kernel fits; a norm's `shape`; an embedding's index. `None`
     otherwise: a layer of your own is checked when first called."""
+    layer = _as_computed(layer)
     weight = getattr(layer, "weight", None)
     if not eqx.is_inexact_array(weight):
         return None
@@ -88,6 +97,7 @@ def check_linear(layer: object, x: jax.ShapeDtypeStruct, name: str) -> None:
 
     Checked on shapes alone, by transposing `layer` at an input like `x`, so it
     costs one trace and no computation."""
+    layer = _as_computed(layer)
     if not jax.numpy.issubdtype(x.dtype, jax.numpy.inexact):
         raise ValueError(
             f"{name} wraps a layer linear in a floating-point input; "
@@ -145,9 +155,32 @@ def check_vector_input(x: Array, size: int, name: str) -> None:
         )
 
 
+def check_conv_input(
+    conv: eqx.nn.Conv | eqx.nn.ConvTranspose, x: Array, name: str
+) -> None:
+    """A convolution's input in the layer's terms (XLA's own message speaks of
+    `lhs feature dimension`s): one example, `(in_channels, *spatial)`."""
+    rank = conv.num_spatial_dims + 1
+    if x.ndim != rank or x.shape[0] != conv.in_channels:
+        spatial = ", ".join(["..."] * conv.num_spatial_dims)
+        hint = (
+            " Layers take one example; batch with `jax.vmap`."
+            if x.ndim == rank + 1 and x.shape[1] == conv.in_channels
+            else ""
+        )
+        raise ValueError(
+            f"{name} expects an input of shape ({conv.in_channels}, {spatial}) "
+            f"({conv.in_channels} channels, {conv.num_spatial_dims} spatial axes), "
+            f"got {x.shape}.{hint}"
+        )
+
+
 def check_linear_input(layer: object, x: Array, name: str) -> None:
     if isinstance(layer, eqx.nn.Linear) and layer.in_features != "scalar":
         check_vector_input(x, layer.in_features, name)
+    conv = getattr(layer, "conv", layer)  # a convolution, or one computed by im2col
+    if isinstance(conv, eqx.nn.Conv | eqx.nn.ConvTranspose):
+        check_conv_input(conv, x, name)
 
 
 def check_wrappable(layer: object, name: str) -> None:

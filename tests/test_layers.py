@@ -111,6 +111,19 @@ CASES.append(
     )
 )
 CASE_IDS = [f"{kind}-{i}" for kind, i, _ in CASES]
+# Each convolution also computed by slices and one `dot` (`bfx.im2col_layers`, the
+# trainer's path on CPU): the same gradients.
+PATH_CASES = [
+    (kind, i, cfg, path)
+    for kind, i, cfg in CASES
+    for path in (
+        ("xla", "im2col")
+        if kind.startswith("conv") and "transpose" not in kind
+        else ("xla",)
+    )
+]
+PATH_IDS = [f"{kind}-{i}-{path}" for kind, i, _, path in PATH_CASES]
+LOWER = {"xla": lambda model: model, "im2col": bfx.im2col_layers}
 
 
 def _make_layer(kind: str, cfg: dict, key) -> tuple[Any, tuple[int, ...]]:
@@ -247,8 +260,8 @@ def _check_layer_gradients(grad_model, b, dw, db):
 
 
 @pytest.mark.parametrize("rule", RULES)
-@pytest.mark.parametrize(("kind", "i", "cfg"), CASES, ids=CASE_IDS)
-def test_rule_gradients(rule, kind, i, cfg, getkey, rng):
+@pytest.mark.parametrize(("kind", "i", "cfg", "path"), PATH_CASES, ids=PATH_IDS)
+def test_rule_gradients(rule, kind, i, cfg, path, getkey, rng):
     del i
     x, c = _inputs(kind, cfg, rng)
 
@@ -259,13 +272,15 @@ def test_rule_gradients(rule, kind, i, cfg, getkey, rng):
         k_layer, k_feedback, k_call = jax.random.split(key, 3)
         layer, _ = _make_layer(kind, cfg, k_layer)
         wrapper = WRAPPERS[rule](layer, feedback_scale=FEEDBACK_SCALE, key=k_feedback)
+        lowered = LOWER[path](wrapper)
+        assert isinstance(lowered.layer, bfx.Im2colConv) == (path == "im2col")
 
         def loss(model_and_x):
             model, x = model_and_x
             y = jax.vmap(lambda xi: model(xi, key=k_call))(x)
             return jnp.sum(c * y), y
 
-        grads, y = eqx.filter_grad(loss, has_aux=True)((wrapper, x))
+        grads, y = eqx.filter_grad(loss, has_aux=True)((lowered, x))
         feedback = reference_feedback(rule, wrapper, k_call)
         w, b = layer.weight, layer.bias  # pyright: ignore
         return wrapper, y, grads, _reference(kind, cfg, x, w, b, c, feedback)
@@ -292,8 +307,8 @@ def test_rule_gradients(rule, kind, i, cfg, getkey, rng):
     assert len(jax.tree_util.tree_leaves(grad_model)) == n_arrays
 
 
-@pytest.mark.parametrize(("kind", "i", "cfg"), CASES, ids=CASE_IDS)
-def test_dfa_around_any_layer(kind, i, cfg, getkey, rng):
+@pytest.mark.parametrize(("kind", "i", "cfg", "path"), PATH_CASES, ids=PATH_IDS)
+def test_dfa_around_any_layer(kind, i, cfg, path, getkey, rng):
     # A single DFA unit whose output is the network's: e = g, x̄ = B e (B of shape
     # (*input_shape, e)), and the weight gradients of backprop inside the unit.
     del i
@@ -311,6 +326,7 @@ def test_dfa_around_any_layer(kind, i, cfg, getkey, rng):
             feedback_scale=FEEDBACK_SCALE,
             key=k_feedback,
         )
+        lowered = LOWER[path](dfa)
 
         def loss(model_and_x):
             model, x = model_and_x
@@ -324,7 +340,7 @@ def test_dfa_around_any_layer(kind, i, cfg, getkey, rng):
 
         w, b = layer.weight, layer.bias  # pyright: ignore
         reference = _reference(kind, cfg, x, w, b, c, w)
-        return dfa, eqx.filter_grad(loss)((dfa, x)), reference
+        return dfa, eqx.filter_grad(loss)((lowered, x)), reference
 
     dfa, (grad_model, grad_x), (_, dw, db, _) = run(getkey(), x, c)
     assert dfa.feedback.shape == (*x.shape[1:], n)

@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .._lowering import CONV_PATHS
 from .._rules import RULES
 from ..data import IMAGE_SHAPES as IMAGE_SHAPES
 
@@ -173,6 +174,14 @@ class TrainConfig:
         The defaults make `B` track `W` with a time constant of 200 steps.
     - `metrics_batch`: examples of the fixed batch (the first of the validation
         split, or of the training split without one) for the alignment metrics.
+    - `conv_path`: how the compiled epochs and evaluations compute the model's
+        convolutions and tiling max pools: `im2col` (slices, reshapes and one
+        `dot`: [`bioflax_eqx.im2col_layers`][]), `xla` (`lax.conv_general_dilated`
+        and `lax.reduce_window`, as the Equinox layers do) or `auto` (default):
+        `im2col` on CPU for a model with convolutions, `xla` otherwise
+        ([`bioflax_eqx.choose_conv_path`][]). The same function and gradients
+        either way, up to the order of float sums; on CPU `im2col` is several
+        times faster inside the epoch's loop (see `benchmarks/`).
     - `out`: the output folder; `None` writes nothing.
     """
 
@@ -207,6 +216,9 @@ class TrainConfig:
     mirror_decay: float = _field(1.0, "weight mirror decay of B (wm)")
     mirror_batch: int = _field(256, "weight mirror noise vectors (wm)")
     metrics_batch: int = _field(1000, "examples for alignment metrics")
+    conv_path: str = _field(
+        "auto", "how convolutions are computed (auto: im2col on CPU)", CONV_PATHS
+    )
     out: str | None = _field(None, "output folder")
 
     def __post_init__(self):

@@ -15,6 +15,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Shaped
 
+from .._lowering import ConvPath, lowering
 from ..data import epoch_batches
 
 
@@ -32,6 +33,7 @@ def train_epoch(
     batch_size: int,
     after_step: Callable[[PyTree, PRNGKeyArray], PyTree] | None = None,
     mesh: Mesh | None = None,
+    conv_path: ConvPath = "auto",
 ) -> tuple[PyTree, PyTree, Float[Array, " steps"], PyTree]:
     """One epoch of training: shuffles `(x, y)` on device
     ([`bioflax_eqx.epoch_batches`][]), then runs one optimiser step per minibatch in
@@ -91,6 +93,14 @@ def train_epoch(
         and takes its part of each shuffled minibatch). The rules are unchanged:
         the result equals the single-device one up to the order of the sums.
         `None` (default): no sharding constraints.
+    - `conv_path`: how the model's `eqx.nn.Conv` layers are computed inside the
+        epoch: `"im2col"` (slices and one `dot`, [`bioflax_eqx.Im2colConv`][]),
+        `"xla"` (`lax.conv_general_dilated`, as the layers do), or `"auto"`
+        (default): [`bioflax_eqx.choose_conv_path`][], i.e. `"im2col"` on CPU
+        for a model with convolutions, where XLA's own convolutions are several
+        times slower inside the epoch's loop, `"xla"` elsewhere. Either way the
+        same function and gradients (up to the order of float sums); the model
+        you pass and get back keeps its `eqx.nn.Conv` layers.
 
     **Returns:**
 
@@ -116,6 +126,7 @@ def train_epoch(
         batch_size=batch_size,
         after_step=after_step,
         mesh=mesh,
+        conv_path=conv_path,
     )
     return params, opt_state, losses, aux
 
@@ -137,6 +148,7 @@ def train_epoch_with_state(
     batch_size: int,
     after_step: Callable[[PyTree, PRNGKeyArray], PyTree] | None = None,
     mesh: Mesh | None = None,
+    conv_path: ConvPath = "auto",
 ) -> tuple[PyTree, PyTree, PyTree, Float[Array, " steps"], PyTree]:
     """[`bioflax_eqx.train_epoch`][] for models with state that is not trained but
     updated by every step, e.g. the running statistics of `eqx.nn.BatchNorm` in an
@@ -188,6 +200,7 @@ def train_epoch_with_state(
         batch_size=batch_size,
         after_step=after_step,
         mesh=mesh,
+        conv_path=conv_path,
     )
 
 
@@ -205,8 +218,12 @@ def _epoch(
     batch_size,
     after_step,
     mesh,
+    conv_path,
 ):
     split, replicate = _constraints(mesh, batch_size)
+    # The same arrays in the same order either way, so the gradients with respect
+    # to the lowered model's arrays are the parameters' own.
+    lower, restore = lowering(conv_path, eqx.combine(params, static), mesh)
 
     def step(carry, batch):
         params, state, opt_state = carry
@@ -214,15 +231,17 @@ def _epoch(
         xb, yb = split(xb, 0), split(yb, 0)
 
         def loss(params):
-            return loss_fn(eqx.combine(params, static), state, xb, yb, step_key)
+            model = lower(eqx.combine(params, static))
+            return loss_fn(model, state, xb, yb, step_key)
 
         (value, (aux, state)), grads = jax.value_and_grad(loss, has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = eqx.apply_updates(params, updates)
         if after_step is not None:
             model = after_step(
-                eqx.combine(params, static), jax.random.fold_in(step_key, 1)
+                lower(eqx.combine(params, static)), jax.random.fold_in(step_key, 1)
             )
+            model = restore(model)
             # Back to the same split: the arrays that were in `params`.
             params = jax.tree_util.tree_map(
                 lambda p, m: None if p is None else m,

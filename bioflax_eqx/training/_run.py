@@ -32,6 +32,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 from .._convert import convert
 from .._dfa import DFA
 from .._layers import linear_layers, rule_of
+from .._lowering import lowering
 from .._metrics import alignment_metrics
 from .._mirror import mirror
 from .._optim import decay_mask, feedback_labels, freeze_feedback, trainable
@@ -559,6 +560,7 @@ def _train_epoch(params, state, opt_state, x, y, key, static, setup: _Setup):
         batch_size=setup.config.batch_size,
         after_step=_mirror_step(setup.config),
         mesh=setup.mesh,
+        conv_path=setup.config.conv_path,  # pyright: ignore[reportArgumentType]
     )
     finite = jnp.all(jnp.isfinite(losses)) & _all_finite(params)
     return params, state, opt_state, jnp.mean(losses), jnp.mean(hits), finite
@@ -608,11 +610,14 @@ def _evaluate(params, state, splits, fixed_x, fixed_y, key, static, setup: _Setu
     if state is not None:
         model = eqx.nn.inference_mode(model)
     applied = _Applied(model, state, setup.image_shape)
+    # The splits are evaluated in a `lax.map` over chunks: a loop, like the epoch.
+    lower, _ = lowering(config.conv_path, model, setup.mesh)
+    lowered = _Applied(lower(model), state, setup.image_shape)
     results = []
     for x, y in splits:
 
         def one(xy):
-            output = applied(xy[0], key=key)
+            output = lowered(xy[0], key=key)
             return loss_fn(output, xy[1]), output
 
         losses, outputs = _map_examples(one, (x, y), setup.mesh)

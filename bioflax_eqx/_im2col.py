@@ -1,0 +1,228 @@
+"""Convolutions as strided slices and one matrix product (im2col).
+
+XLA:CPU runs `lax.conv_general_dilated` inside a loop body (a training epoch's
+`lax.scan`) through a slow generic path (jax-ml/jax#12868). The same convolution
+written as one strided slice of the input per kernel tap, stacked, and one `dot`
+with the reshaped kernel compiles to copies and a matrix product there too; its
+weight gradient is ordinary autodiff (one product over the batch), its input
+gradient one product and the slices' transposes.
+[`bioflax_eqx.im2col_layers`][] swaps [`bioflax_eqx.Im2colConv`][] in for every
+convolution of a model.
+"""
+
+import functools
+import itertools
+import math
+import typing
+from collections.abc import Sequence
+from typing import NamedTuple, cast
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._checks import check_conv_input
+
+
+def conv_im2col(
+    x: Float[Array, " in_channels *spatial"],
+    weight: Float[Array, " out_channels group_channels *kernel"],
+    *,
+    stride: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+    dilation: Sequence[int],
+    groups: int,
+) -> Float[Array, " out_channels *out_spatial"]:
+    """`lax.conv_general_dilated` of one example (channels first, no batch axis),
+    with zero padding `padding`, window strides `stride`, kernel dilation `dilation`
+    and `groups` feature groups, computed as stacked strided slices of `x` and one
+    `dot` with the kernel: the same sums, in another order.
+
+    **Arguments:**
+
+    - `x`: one input, `(in_channels, *spatial)`.
+    - `weight`: the kernel, `(out_channels, in_channels // groups, *kernel)`.
+    - `stride`, `dilation`: one integer per spatial axis.
+    - `padding`: `(low, high)` zeros per spatial axis (negative values crop).
+    - `groups`: the feature group count; divides both channel counts.
+
+    **Returns:**
+
+    The convolution, `(out_channels, *out_spatial)`.
+    """
+    in_channels, *spatial = x.shape
+    out_channels, group_channels, *kernel = weight.shape
+    if in_channels != group_channels * groups:
+        raise ValueError(
+            f"the kernel takes {group_channels * groups} input channels "
+            f"({groups} group(s) of {group_channels}), got an input of shape "
+            f"{x.shape}."
+        )
+    padded_spatial = [n + lo + hi for n, (lo, hi) in zip(spatial, padding)]
+    out_spatial = [
+        (n - d * (k - 1) - 1) // s + 1
+        for n, k, d, s in zip(padded_spatial, kernel, dilation, stride)
+    ]
+    if min(out_spatial, default=1) < 1:
+        raise ValueError(
+            f"the kernel {tuple(kernel)} (dilation {tuple(dilation)}) does not fit "
+            f"the padded input of spatial shape {tuple(padded_spatial)}."
+        )
+    windows = _Windows(
+        tuple(map(tuple, padding)),  # pyright: ignore[reportArgumentType]
+        tuple(kernel),
+        tuple(dilation),
+        tuple(stride),
+        tuple(out_spatial),
+    )
+    # (channels, *out_spatial, taps): tap k of every output position.
+    taps = cast(Array, _taps(x, windows))
+    positions = math.prod(out_spatial)
+    # (positions, channels, taps): under `jax.vmap` the batch axis joins the
+    # positions, and the product is one (batch·positions, channels·taps) matmul.
+    patches = jnp.moveaxis(taps, 0, -2).reshape(positions, -1)
+    if groups == 1:
+        out = patches @ weight.reshape(out_channels, -1).T
+    else:
+        patches = patches.reshape(positions, groups, -1)
+        kernel_rows = weight.reshape(groups, out_channels // groups, -1)
+        out = jnp.einsum("pgk,gok->pgo", patches, kernel_rows)
+    out = out.reshape(positions, out_channels).T
+    return out.reshape(out_channels, *out_spatial)
+
+
+class _Windows(NamedTuple):
+    padding: tuple[tuple[int, int], ...]
+    kernel: tuple[int, ...]
+    dilation: tuple[int, ...]
+    stride: tuple[int, ...]
+    out: tuple[int, ...]
+
+    def starts(self) -> list[tuple[int, ...]]:
+        """Where each kernel tap's strided slice starts in the padded input."""
+        return [
+            tuple(o * d for o, d in zip(offsets, self.dilation))
+            for offsets in itertools.product(*(range(k) for k in self.kernel))
+        ]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _taps(x: Array, windows: _Windows) -> Array:
+    """The input padded, then one strided slice per kernel tap, stacked last."""
+    padded = lax.pad(
+        x,
+        jnp.zeros((), x.dtype),
+        [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in windows.padding],
+    )
+    taps = []
+    for start in windows.starts():
+        limit = [
+            b + (n - 1) * s + 1 for b, n, s in zip(start, windows.out, windows.stride)
+        ]
+        taps.append(
+            lax.slice(padded, (0, *start), (x.shape[0], *limit), (1, *windows.stride))
+        )
+    return jnp.stack(taps, axis=-1)
+
+
+def _taps_fwd(x: Array, windows: _Windows) -> tuple[Array, tuple[int, ...]]:
+    return _taps(x, windows), x.shape
+
+
+def _taps_bwd(windows: _Windows, shape: tuple[int, ...], grad: Array) -> tuple[Array]:
+    # Each tap's cotangent back in its place (the slice's transpose, a pad), summed.
+    padded = [n + lo + hi for n, (lo, hi) in zip(shape[1:], windows.padding)]
+    zero = jnp.zeros((), grad.dtype)
+    total = zero
+    for t, start in enumerate(windows.starts()):
+        config = [(0, 0, 0)] + [
+            (b, p - b - (n - 1) * s - 1, s - 1)
+            for b, p, n, s in zip(start, padded, windows.out, windows.stride)
+        ]
+        total = total + lax.pad(grad[..., t], zero, config)
+    unpad = [(0, 0, 0)] + [(-lo, -hi, 0) for lo, hi in windows.padding]
+    total = lax.pad(total, zero, unpad)
+    # XLA:CPU would fuse this sum of pads into the layer before's backward (a
+    # pool's gradient, which reads each element several times) and recompute it
+    # there, several times slower. It does not duplicate an expensive op: dividing
+    # by a one that it cannot prove is one stores the sum once, unchanged.
+    one = jnp.where(total > jnp.inf, 2, 1).astype(total.dtype)
+    return (total / one,)
+
+
+_taps.defvjp(_taps_fwd, _taps_bwd)
+
+
+class Im2colConv(eqx.Module):
+    """Any `eqx.nn.Conv` (`Conv1d/2d/3d`, every stride, padding, padding mode,
+    dilation and group count), computed by [`bioflax_eqx.conv_im2col`][]: the same
+    function as the wrapped layer, fast inside XLA:CPU loops.
+
+    `weight` and `bias` are the wrapped layer's, so a rule wrapper around it (or
+    `eqx.tree_at(lambda m: m.weight, ...)`) sees the convolution's own arrays.
+    """
+
+    conv: eqx.nn.Conv
+
+    def __init__(self, conv: eqx.nn.Conv):
+        """**Arguments:**
+
+        - `conv`: the convolution to compute.
+        """
+        if not isinstance(conv, eqx.nn.Conv):
+            raise ValueError(
+                f"Im2colConv computes an `eqx.nn.Conv`, got {type(conv).__name__}."
+            )
+        self.conv = conv
+
+    # Not instrumented by jaxtyping's import hook: `eqx.tree_at(lambda m: m.weight,
+    # ...)`, as the rules swap in their feedback, reads it with placeholders.
+    @property
+    @typing.no_type_check
+    def weight(self) -> Float[Array, " out_channels group_channels *kernel"]:
+        """The wrapped convolution's kernel."""
+        return self.conv.weight
+
+    @property
+    @typing.no_type_check
+    def bias(self) -> Float[Array, " out_channels *ones"] | None:
+        """The wrapped convolution's bias, or `None`."""
+        return self.conv.bias
+
+    @jax.named_scope("bfx.Im2colConv")
+    def __call__(
+        self,
+        x: Float[Array, " in_channels *spatial"],
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, " out_channels *out_spatial"]:
+        """**Arguments:**
+
+        - `x`: one input, `(in_channels, *spatial)`.
+        - `key`: ignored.
+
+        **Returns:**
+
+        The wrapped convolution's output.
+        """
+        del key
+        conv = self.conv
+        check_conv_input(conv, x, type(conv).__name__)
+        padding = conv.padding
+        if conv.padding_mode != "ZEROS":
+            x = conv._nonzero_pad(x)  # the layer's own reflect/replicate/circular pad
+            padding = "VALID"
+        if isinstance(padding, str):
+            dilated = [d * (k - 1) + 1 for k, d in zip(conv.kernel_size, conv.dilation)]
+            padding = lax.padtype_to_pads(x.shape[1:], dilated, conv.stride, padding)
+        out = conv_im2col(
+            x,
+            conv.weight,
+            stride=conv.stride,
+            padding=padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+        )
+        return out if conv.bias is None else out + conv.bias
