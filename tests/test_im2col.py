@@ -200,11 +200,10 @@ def test_an_epoch_is_the_same_on_both_paths(rule, getkey):
     def kind_of(model):
         return type(model.layers[0].layer if rule != "bp" else model.layers[0])
 
-    after_step = None
-    if rule == "wm":
+    def mirror(model, key):
+        return bfx.mirror(model, key, lr=0.1, batch_size=4)
 
-        def after_step(model, key):
-            return bfx.mirror(model, key, lr=0.1, batch_size=4)
+    after_step = mirror if rule == "wm" else None
 
     def epoch(path):
         return bfx.train_epoch(
