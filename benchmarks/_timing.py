@@ -201,9 +201,18 @@ class Case:
     epoch: Callable[[], Any]
     n_params: int  # trained parameters (what Adam updates)
     memory: dict[str, dict[str, int]]
+    epoch_compile_s: float | None  # seconds to trace and compile the epoch
 
 
-def build_case(model, x_all, y_all, batch: int, *, epochs: bool = True) -> Case:
+def build_case(
+    model,
+    x_all,
+    y_all,
+    batch: int,
+    *,
+    epochs: bool = True,
+    conv_path: str = "auto",
+) -> Case:
     """Compiles (ahead of time) the gradient, the step and the epoch of `model`,
     trained as the library recommends: `eqx.partition(model, bfx.trainable(model))`,
     so fixed feedback is neither differentiated nor handed to Adam."""
@@ -235,6 +244,7 @@ def build_case(model, x_all, y_all, batch: int, *, epochs: bool = True) -> Case:
             .compile()
         )
         epoch_c = None
+        compile_start = time.perf_counter()
         if epochs:
             epoch_c = bfx.train_epoch.lower(  # pyright: ignore[reportFunctionMemberAccess]
                 params,
@@ -246,7 +256,9 @@ def build_case(model, x_all, y_all, batch: int, *, epochs: bool = True) -> Case:
                 optimizer=optimizer,
                 loss_fn=batch_loss,
                 batch_size=batch,
+                conv_path=conv_path,
             ).compile()
+        compile_s = time.perf_counter() - compile_start if epochs else None
     holder = [jax.tree_util.tree_map(jnp.copy, (params, opt_state))]
 
     def carried_step():
@@ -265,6 +277,7 @@ def build_case(model, x_all, y_all, batch: int, *, epochs: bool = True) -> Case:
             optimizer=optimizer,
             loss_fn=batch_loss,
             batch_size=batch,
+            conv_path=conv_path,
         )
 
     n_params = sum(a.size for a in jax.tree_util.tree_leaves(params))
@@ -274,6 +287,7 @@ def build_case(model, x_all, y_all, batch: int, *, epochs: bool = True) -> Case:
         epoch=epoch,
         n_params=n_params,
         memory={"grad": memory_stats(grad_c), "step": memory_stats(step_c)},
+        epoch_compile_s=compile_s,
     )
 
 

@@ -56,18 +56,22 @@ def _fa_layers():
 
     class Conv2dFA(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, weight, feedback, bias):
+        def forward(ctx, x, weight, feedback, bias, padding):
             ctx.save_for_backward(x, weight, feedback)
-            return F.conv2d(x, weight, bias)
+            ctx.padding = padding
+            return F.conv2d(x, weight, bias, padding=padding)
 
         @staticmethod
         def backward(ctx, grad):  # pyright: ignore[reportIncompatibleMethodOverride]
             x, weight, feedback = ctx.saved_tensors
             grad_x = None
+            pad = ctx.padding
             if ctx.needs_input_grad[0]:
-                grad_x = torch.nn.grad.conv2d_input(x.shape, feedback, grad)
-            grad_w = torch.nn.grad.conv2d_weight(x, weight.shape, grad)
-            return grad_x, grad_w, None, grad.sum((0, 2, 3))
+                grad_x = torch.nn.grad.conv2d_input(
+                    x.shape, feedback, grad, padding=pad
+                )
+            grad_w = torch.nn.grad.conv2d_weight(x, weight.shape, grad, padding=pad)
+            return grad_x, grad_w, None, grad.sum((0, 2, 3)), None
 
     def feedback_like(weight):
         # B ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), in the weight's layout, fixed.
@@ -83,12 +87,13 @@ def _fa_layers():
             return LinearFA.apply(x, self.weight, self.feedback, self.bias)
 
     class FAConv2d(torch.nn.Conv2d):
-        def __init__(self, c_in: int, c_out: int, kernel: int):
-            super().__init__(c_in, c_out, kernel)
+        def __init__(self, c_in: int, c_out: int, kernel: int, padding: int = 0):
+            super().__init__(c_in, c_out, kernel, padding=padding)
             self.register_buffer("feedback", feedback_like(self.weight.detach()))
 
         def forward(self, x):  # pyright: ignore[reportIncompatibleMethodOverride]
-            return Conv2dFA.apply(x, self.weight, self.feedback, self.bias)
+            pad = self.padding[0]  # pyright: ignore[reportIndexIssue]
+            return Conv2dFA.apply(x, self.weight, self.feedback, self.bias, pad)
 
     return FALinear, FAConv2d
 
@@ -107,8 +112,9 @@ def mlp(rule: str, sizes: Sequence[int]):
 
 
 def lenet(rule: str):
-    """LeNet-5 as biotorch benchmarks it on MNIST: conv 5×5 → 6, max-pool, conv 5×5
-    → 16, max-pool, dense 120, 84, 10, ReLU."""
+    """The library's LeNet-5 on MNIST (`bfx.TrainConfig(model="lenet")`): conv 5×5
+    → 6 (28×28 padded by 2), tanh, max-pool, conv 5×5 → 16, tanh, max-pool, dense
+    120, 84, 10 with tanh."""
     import torch  # pyright: ignore[reportMissingImports]
 
     torch.manual_seed(0)
@@ -116,12 +122,12 @@ def lenet(rule: str):
         linear, conv = torch.nn.Linear, torch.nn.Conv2d
     else:
         linear, conv = _fa_layers()
-    relu, pool = torch.nn.ReLU, torch.nn.MaxPool2d
+    tanh, pool = torch.nn.Tanh, torch.nn.MaxPool2d
     return torch.nn.Sequential(
-        conv(1, 6, 5), relu(), pool(2),
-        conv(6, 16, 5), relu(), pool(2),
+        conv(1, 6, 5, padding=2), tanh(), pool(2),
+        conv(6, 16, 5), tanh(), pool(2),
         torch.nn.Flatten(),
-        linear(256, 120), relu(), linear(120, 84), relu(), linear(84, 10),
+        linear(400, 120), tanh(), linear(120, 84), tanh(), linear(84, 10),
     )  # fmt: skip
 
 

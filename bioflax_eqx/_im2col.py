@@ -77,12 +77,11 @@ def conv_im2col(
         tuple(stride),
         tuple(out_spatial),
     )
-    # (channels, *out_spatial, taps): tap k of every output position.
-    taps = cast(Array, _taps(x, windows))
+    # (positions, channels · taps), channel-major as the kernel's rows: under
+    # `jax.vmap` the batch axis joins the positions, and the product is one
+    # (batch · positions, channels · taps) matmul.
     positions = math.prod(out_spatial)
-    # (positions, channels, taps): under `jax.vmap` the batch axis joins the
-    # positions, and the product is one (batch·positions, channels·taps) matmul.
-    patches = jnp.moveaxis(taps, 0, -2).reshape(positions, -1)
+    patches = cast(Array, _taps(x, windows)).reshape(positions, -1)
     if groups == 1:
         out = patches @ weight.reshape(out_channels, -1).T
     else:
@@ -110,11 +109,13 @@ class _Windows(NamedTuple):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _taps(x: Array, windows: _Windows) -> Array:
-    """The input padded, then one strided slice per kernel tap, stacked last."""
+    """`(*out, channels, taps)`: the input, channels last and padded, then one
+    strided slice per kernel tap, stacked last. Channels last, so that the slices
+    stack straight into the `(positions, channels · taps)` matrix of the product."""
     padded = lax.pad(
-        x,
+        jnp.moveaxis(x, 0, -1),
         jnp.zeros((), x.dtype),
-        [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in windows.padding],
+        [(lo, hi, 0) for lo, hi in windows.padding] + [(0, 0, 0)],
     )
     taps = []
     for start in windows.starts():
@@ -122,7 +123,7 @@ def _taps(x: Array, windows: _Windows) -> Array:
             b + (n - 1) * s + 1 for b, n, s in zip(start, windows.out, windows.stride)
         ]
         taps.append(
-            lax.slice(padded, (0, *start), (x.shape[0], *limit), (1, *windows.stride))
+            lax.slice(padded, (*start, 0), (*limit, x.shape[0]), (*windows.stride, 1))
         )
     return jnp.stack(taps, axis=-1)
 
@@ -137,19 +138,19 @@ def _taps_bwd(windows: _Windows, shape: tuple[int, ...], grad: Array) -> tuple[A
     zero = jnp.zeros((), grad.dtype)
     total = zero
     for t, start in enumerate(windows.starts()):
-        config = [(0, 0, 0)] + [
+        config = [
             (b, p - b - (n - 1) * s - 1, s - 1)
             for b, p, n, s in zip(start, padded, windows.out, windows.stride)
         ]
-        total = total + lax.pad(grad[..., t], zero, config)
-    unpad = [(0, 0, 0)] + [(-lo, -hi, 0) for lo, hi in windows.padding]
+        total = total + lax.pad(grad[..., t], zero, config + [(0, 0, 0)])
+    unpad = [(-lo, -hi, 0) for lo, hi in windows.padding] + [(0, 0, 0)]
     total = lax.pad(total, zero, unpad)
     # XLA:CPU would fuse this sum of pads into the layer before's backward (a
     # pool's gradient, which reads each element several times) and recompute it
     # there, several times slower. It does not duplicate an expensive op: dividing
     # by a one that it cannot prove is one stores the sum once, unchanged.
     one = jnp.where(total > jnp.inf, 2, 1).astype(total.dtype)
-    return (total / one,)
+    return (jnp.moveaxis(total / one, -1, 0),)
 
 
 _taps.defvjp(_taps_fwd, _taps_bwd)

@@ -89,28 +89,6 @@ def test_epochs_run_through_the_library(scripts, monkeypatch, mnist_dir):
     assert bool(jnp.all(jnp.isfinite(losses)))
 
 
-def test_lenet_is_biotorchs(scripts):
-    """conv 5×5 → 6, pool, conv 5×5 → 16, pool, dense 120, 84, 10 on 1×28×28."""
-    import equinox as eqx
-    import jax
-
-    model = scripts["conv"].lenet(jax.random.key(0))
-    linear = [
-        layer
-        for layer in model.layers
-        if isinstance(layer, eqx.nn.Conv2d | eqx.nn.Linear)
-    ]
-    assert [layer.weight.shape for layer in linear] == [
-        (6, 1, 5, 5),
-        (16, 6, 5, 5),
-        (120, 256),
-        (84, 120),
-        (10, 84),
-    ]
-    x = jax.numpy.zeros((1, 28, 28), linear[0].weight.dtype)
-    assert model(x).shape == (10,)
-
-
 def test_flop_count(scripts):
     mlp = scripts["mlp"]
     sizes, batch = [784, 1024, 1024, 10], 128
