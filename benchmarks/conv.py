@@ -23,6 +23,7 @@ from bioflax_eqx.training._models import lenet
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _timing as T  # noqa: E402
 import _torch  # noqa: E402
+import conv_ops  # noqa: E402
 
 
 STEP_TARGETS = {"fa": 1.05, "usf": 1.05, "frsf": 1.05, "brsf": 1.15, "dfa": 0.90}
@@ -38,10 +39,11 @@ class Setup:
     calls: int
     data_limit: int | None
     smoke: bool
+    op_repeats: int  # rounds of the per-op table
 
 
-FULL = Setup(bfx.RULES, 128, 21, 3, 5, None, False)
-SMOKE = Setup(("bp", "fa", "dfa"), 16, 1, 1, 1, 256, True)
+FULL = Setup(bfx.RULES, 128, 21, 3, 5, None, False, 7)
+SMOKE = Setup(("bp", "fa", "dfa"), 16, 1, 1, 1, 256, True, 1)
 
 
 def model_for(rule: str):
@@ -175,6 +177,8 @@ def run(
             + "."
         )
     add("")
+    say(f"lenet: timing each op ({setup.op_repeats} rounds) ...")
+    lines += conv_ops.lines(setup.batch, setup.op_repeats)
     return lines, verdicts
 
 

@@ -8,7 +8,8 @@ From the repository root, with the library and PyTorch in one environment:
     .venv-bench/bin/pip install -e . torch==2.13.0
     .venv-bench/bin/python benchmarks/run_all.py
 
-About 20 minutes on 2 cores. The scripts (`mlp.py`: MLPs; `conv.py`: LeNet-5;
+About 20 minutes on 2 cores. The scripts (`mlp.py`: MLPs; `conv.py`: LeNet-5, with
+`conv_ops.py`'s table of each convolution's and pool's ops on both paths;
 `devices.py`: data-parallel epochs on 1, 2 and 4 simulated devices) share
 `_timing.py`: every measurement is interleaved with those it is compared with (a
 fresh random order each round) and reported as a median, and every ratio in the

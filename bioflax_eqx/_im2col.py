@@ -11,7 +11,6 @@ convolution of a model.
 """
 
 import functools
-import itertools
 import math
 import typing
 from collections.abc import Sequence
@@ -99,33 +98,31 @@ class _Windows(NamedTuple):
     stride: tuple[int, ...]
     out: tuple[int, ...]
 
-    def starts(self) -> list[tuple[int, ...]]:
-        """Where each kernel tap's strided slice starts in the padded input."""
-        return [
-            tuple(o * d for o, d in zip(offsets, self.dilation))
-            for offsets in itertools.product(*(range(k) for k in self.kernel))
-        ]
-
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _taps(x: Array, windows: _Windows) -> Array:
-    """`(*out, channels, taps)`: the input, channels last and padded, then one
-    strided slice per kernel tap, stacked last. Channels last, so that the slices
-    stack straight into the `(positions, channels · taps)` matrix of the product."""
-    padded = lax.pad(
+    """`(*out, channels, *kernel)`: the input, channels last and padded, then for
+    each spatial axis from the last to the first, one strided slice per kernel
+    offset along it, stacked after the channels. Channels last, so that the result
+    is the `(positions, channels · taps)` matrix of the product; one axis at a time,
+    so that each stack has a handful of operands (a kernel's width, not its
+    size), which XLA fuses into one pass."""
+    n = len(windows.kernel)
+    h = lax.pad(
         jnp.moveaxis(x, 0, -1),
         jnp.zeros((), x.dtype),
         [(lo, hi, 0) for lo, hi in windows.padding] + [(0, 0, 0)],
     )
-    taps = []
-    for start in windows.starts():
-        limit = [
-            b + (n - 1) * s + 1 for b, n, s in zip(start, windows.out, windows.stride)
-        ]
-        taps.append(
-            lax.slice(padded, (*start, 0), (*limit, x.shape[0]), (*windows.stride, 1))
+    for axis in reversed(range(n)):
+        d, s, out = windows.dilation[axis], windows.stride[axis], windows.out[axis]
+        h = jnp.stack(
+            [
+                lax.slice_in_dim(h, k * d, k * d + (out - 1) * s + 1, s, axis)
+                for k in range(windows.kernel[axis])
+            ],
+            axis=n + 1,
         )
-    return jnp.stack(taps, axis=-1)
+    return h
 
 
 def _taps_fwd(x: Array, windows: _Windows) -> tuple[Array, tuple[int, ...]]:
@@ -133,24 +130,30 @@ def _taps_fwd(x: Array, windows: _Windows) -> tuple[Array, tuple[int, ...]]:
 
 
 def _taps_bwd(windows: _Windows, shape: tuple[int, ...], grad: Array) -> tuple[Array]:
-    # Each tap's cotangent back in its place (the slice's transpose, a pad), summed.
-    padded = [n + lo + hi for n, (lo, hi) in zip(shape[1:], windows.padding)]
+    # The slices' transposes, axis by axis: each offset's cotangent padded back
+    # into place along that axis, summed.
+    n = len(windows.kernel)
     zero = jnp.zeros((), grad.dtype)
-    total = zero
-    for t, start in enumerate(windows.starts()):
-        config = [
-            (b, p - b - (n - 1) * s - 1, s - 1)
-            for b, p, n, s in zip(start, padded, windows.out, windows.stride)
-        ]
-        total = total + lax.pad(grad[..., t], zero, config + [(0, 0, 0)])
+    for axis in range(n):
+        d, s, out = windows.dilation[axis], windows.stride[axis], windows.out[axis]
+        lo, hi = windows.padding[axis]
+        size = shape[1 + axis] + lo + hi
+        total = zero
+        for k in range(windows.kernel[axis]):
+            config = [(0, 0, 0)] * (grad.ndim - 1)
+            config[axis] = (k * d, size - k * d - (out - 1) * s - 1, s - 1)
+            total = total + lax.pad(
+                lax.index_in_dim(grad, k, n + 1, False), zero, config
+            )
+        grad = total
     unpad = [(-lo, -hi, 0) for lo, hi in windows.padding] + [(0, 0, 0)]
-    total = lax.pad(total, zero, unpad)
-    # XLA:CPU would fuse this sum of pads into the layer before's backward (a
-    # pool's gradient, which reads each element several times) and recompute it
+    grad = lax.pad(grad, zero, unpad)
+    # XLA:CPU would fuse these sums of pads into the layer before's backward (a
+    # pool's gradient, which reads each element several times) and recompute them
     # there, several times slower. It does not duplicate an expensive op: dividing
     # by a one that it cannot prove is one stores the sum once, unchanged.
-    one = jnp.where(total > jnp.inf, 2, 1).astype(total.dtype)
-    return (jnp.moveaxis(total / one, -1, 0),)
+    one = jnp.where(grad > jnp.inf, 2, 1).astype(grad.dtype)
+    return (jnp.moveaxis(grad / one, -1, 0),)
 
 
 _taps.defvjp(_taps_fwd, _taps_bwd)

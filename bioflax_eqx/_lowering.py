@@ -114,12 +114,11 @@ def choose_conv_path(
     `"im2col"` or `"xla"`, for `conv_path=` of [`bioflax_eqx.train_epoch`][].
     """
     backend = jax.default_backend() if backend is None else backend
-    convs = [
-        node
+    has_conv = any(
+        isinstance(node, eqx.nn.Conv)
         for node in jax.tree_util.tree_leaves(model, is_leaf=_lowerable)
-        if isinstance(node, eqx.nn.Conv)
-    ]
-    return "im2col" if backend == "cpu" and convs else "xla"
+    )
+    return "im2col" if backend == "cpu" and has_conv else "xla"
 
 
 def _identity(tree: PyTree) -> PyTree:

@@ -15,7 +15,7 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 def scripts():
     """The benchmark modules, imported as the scripts import each other (their
     folder on `sys.path`)."""
-    names = ("_timing", "_torch", "mlp", "conv", "devices", "run_all")
+    names = ("_timing", "_torch", "mlp", "conv_ops", "conv", "devices", "run_all")
     sys.path.insert(0, str(BENCHMARKS))
     try:
         yield {name: importlib.import_module(name) for name in names}
