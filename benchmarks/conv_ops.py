@@ -22,14 +22,12 @@ SCAN_LENGTH = 8  # iterations of the loop that each op is timed in
 def _layers() -> list[tuple[str, Any, tuple[int, ...]]]:
     """LeNet-5's convolutions and pools on MNIST, with one example's input shape."""
     k1, k2 = jax.random.split(jax.random.key(0))
+    conv1 = eqx.nn.Conv2d(1, 6, 5, padding=2, dtype=T.DTYPE, key=k1)
+    conv2 = eqx.nn.Conv2d(6, 16, 5, dtype=T.DTYPE, key=k2)
     return [
-        (
-            "conv 1→6, 5×5, pad 2",
-            eqx.nn.Conv2d(1, 6, 5, padding=2, key=k1),
-            (1, 28, 28),
-        ),
+        ("conv 1→6, 5×5, pad 2", conv1, (1, 28, 28)),
         ("max pool 2×2", eqx.nn.MaxPool2d(2, 2), (6, 28, 28)),
-        ("conv 6→16, 5×5", eqx.nn.Conv2d(6, 16, 5, dtype=T.DTYPE, key=k2), (6, 14, 14)),
+        ("conv 6→16, 5×5", conv2, (6, 14, 14)),
         ("max pool 2×2", eqx.nn.MaxPool2d(2, 2), (16, 10, 10)),
     ]
 
