@@ -12,7 +12,8 @@ import bioflax_eqx as bfx
 
 def finished_run(config: bfx.TrainConfig, report_only: bool) -> dict:
     """The summary of the run of `config` in `config.out`: read back if it finished
-    with `config.epochs` epochs, else trained now (from scratch)."""
+    with `config.epochs` epochs, else trained now (resumed from its checkpoint if an
+    earlier attempt left one)."""
     if config.out is None:
         raise ValueError("an experiment's runs need an output folder (`out`)")
     summary = pathlib.Path(config.out) / "summary.json"
@@ -23,7 +24,8 @@ def finished_run(config: bfx.TrainConfig, report_only: bool) -> dict:
     if report_only:
         raise SystemExit(f"no finished run in {config.out}")
     start = time.perf_counter()
-    bfx.train(config, overwrite=True, quiet=True)
+    resume = (pathlib.Path(config.out) / "checkpoint.eqx").is_file()
+    bfx.train(config, resume=resume, overwrite=not resume, quiet=True)
     print(f"{config.out}: {time.perf_counter() - start:.0f} s", flush=True)
     return json.loads(summary.read_text())
 

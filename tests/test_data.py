@@ -303,6 +303,37 @@ def test_env_var_and_cache_folder_are_used(mnist_dir, tmp_path, monkeypatch):
     assert str(tmp_path / "bioflax_eqx" / "mnist") in str(info.value)
 
 
+def test_the_system_copy_is_read_when_the_cache_is_empty(
+    mnist_dir, tmp_path, monkeypatch
+):
+    # Debian's dataset-fashion-mnist installs the four files in /usr/share; the
+    # project's copy of those files plays it here.
+    system = mnist_dir.parent / "fashion-mnist"
+    if not (system / "train-labels-idx1-ubyte.gz").exists():
+        pytest.skip(f"Fashion-MNIST not found in {system}")
+    monkeypatch.setitem(_download.SYSTEM_COPIES, "fashion_mnist", system)
+    monkeypatch.delenv("BIOFLAX_EQX_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    cache = tmp_path / "xdg" / "bioflax_eqx" / "fashion_mnist"
+    assert resolve_data_dir(None, "fashion_mnist") == system
+    ds = load_dataset("fashion_mnist", download=False, limit=10, val_size=2)
+    assert ds.train.x.shape == (8, 784)
+    # An explicit folder, the environment variable or a filled cache win.
+    assert resolve_data_dir(tmp_path / "mine", "fashion_mnist") == tmp_path / "mine"
+    cache.mkdir(parents=True)
+    (cache / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    assert resolve_data_dir(None, "fashion_mnist") == cache
+    # With neither, the error says where it looked.
+    (cache / "train-images-idx3-ubyte.gz").unlink()
+    monkeypatch.setitem(_download.SYSTEM_COPIES, "fashion_mnist", tmp_path / "none")
+    with pytest.raises(DataNotFoundError) as info:
+        load_dataset("fashion_mnist", download=False)
+    message = str(info.value)
+    assert f"Looked in {cache} (the cache) and in {tmp_path / 'none'}" in message
+    with pytest.raises(DataNotFoundError, match=f"Looked in {tmp_path} only"):
+        load_dataset("fashion_mnist", tmp_path, download=False)
+
+
 # ------------------------------------------------------------- batching
 
 

@@ -717,7 +717,7 @@ def test_cifar10_trains_with_seeded_augmentation(tmp_path, cifar_dir):
         for name, changes in [
             ("a", {}),
             ("b", {}),
-            ("plain", dict(augment=False)),
+            ("plain", dict(augment="none")),
         ]
     }
     assert _without_times(runs["a"].history) == _without_times(runs["b"].history)
@@ -742,8 +742,50 @@ def test_the_step_augments_exactly_as_augment_images(tmp_path, cifar_dir):
             images
         )
         expected = jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[jnp.arange(4), y])
-        plain = dataclasses.replace(config, augment=False)
+        plain = dataclasses.replace(config, augment="none")
         plain_setup = _train._setup(plain, model, state)
         unaugmented, _ = _train._step_loss(plain_setup)(model, None, x, y, key)
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     assert not np.isclose(loss, unaugmented)
+
+
+@pytest.mark.parametrize("augment", ["shift", "shift-flip"])
+def test_mnist_augments_by_two_pixel_shifts(tmp_path, mnist_dir, augment):
+    config = bfx.TrainConfig(
+        model="lenet",
+        rule="bp",
+        data_dir=str(mnist_dir),
+        augment=augment,
+        limit=50,
+        val_size=10,
+        batch_size=8,
+        epochs=1,
+        out=str(tmp_path),
+    )
+    assert config.augment_pad == 2
+    model, state = _build_with_state(config)
+    setup = _train._setup(config, model, state)
+    x = jax.random.uniform(jax.random.key(3), (4, 784), jnp.float32)
+    y = jnp.arange(4, dtype=jnp.int32)
+    key = jax.random.key(4)
+    with jax.numpy_dtype_promotion("standard"):
+        loss, _ = _train._step_loss(setup)(model, None, x, y, key)
+        augment_key, model_key = jax.random.split(key)
+        images = bfx.augment_images(
+            augment_key, x, (1, 28, 28), pad=2, flip=augment == "shift-flip"
+        )
+        logits = jax.vmap(lambda xi: model(xi.reshape(1, 28, 28), key=model_key))(
+            images
+        )
+        expected = jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[jnp.arange(4), y])
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
+def test_augment_auto_resolves_per_data_set_and_old_runs_load():
+    assert bfx.TrainConfig(dataset="cifar10", model="lenet").augment == "shift-flip"
+    assert bfx.TrainConfig(dataset="mnist").augment == "none"
+    assert bfx.TrainConfig(dataset="sine", augment="shift").augment == "none"
+    # Runs saved when `augment` was a bool still resume.
+    old = bfx.TrainConfig(dataset="cifar10", model="lenet").to_dict()
+    for saved, now in [(True, "shift-flip"), (False, "none")]:
+        assert bfx.TrainConfig.from_dict({**old, "augment": saved}).augment == now

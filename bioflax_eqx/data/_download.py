@@ -26,6 +26,13 @@ MIRRORS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Copies that an operating-system package installs, read when no folder is named and
+# the cache holds nothing (Debian's `dataset-fashion-mnist`).
+SYSTEM_COPIES: dict[str, pathlib.Path] = {
+    "fashion_mnist": pathlib.Path("/usr/share/datasets/fashion-mnist"),
+}
+
+
 class Checksum(NamedTuple):
     algorithm: str
     hexdigest: str
@@ -52,16 +59,40 @@ def resolve_data_dir(
     **Returns:**
 
     In order of precedence: `data_dir`; else the folder in the environment
-    variable `BIOFLAX_EQX_DATA`; else `$XDG_CACHE_HOME/bioflax_eqx/<dataset>` or
-    `~/.cache/bioflax_eqx/<dataset>`. An explicit folder or the environment
-    variable names the folder holding the files themselves, not a parent. The
-    folder is not created.
+    variable `BIOFLAX_EQX_DATA`; else the cache,
+    `$XDG_CACHE_HOME/bioflax_eqx/<dataset>` or `~/.cache/bioflax_eqx/<dataset>`,
+    unless the cache holds nothing and the operating system has a copy (Fashion-MNIST:
+    `/usr/share/datasets/fashion-mnist/`, from Debian's `dataset-fashion-mnist`),
+    which is then used. An explicit folder or the environment variable names the
+    folder holding the files themselves, not a parent. The folder is not created.
     """
     if data_dir is not None:
         return pathlib.Path(data_dir).expanduser()
     env = os.environ.get(DATA_ENV_VAR)
     if env:
         return pathlib.Path(env).expanduser()
+    cache = cache_dir(dataset)
+    system = SYSTEM_COPIES.get(dataset)
+    if system is not None and _holds_files(system) and not _holds_files(cache):
+        return system
+    return cache
+
+
+def _holds_files(folder: pathlib.Path) -> bool:
+    return folder.is_dir() and any(p.is_file() for p in folder.iterdir())
+
+
+def where_looked(folder: pathlib.Path, dataset: str) -> str:
+    """The places searched for `dataset`'s files, to end an error message with:
+    `folder`, and the system's copy where the default search read it too."""
+    system = SYSTEM_COPIES.get(dataset)
+    if system is None or folder != cache_dir(dataset):
+        return f"Looked in {folder} only."
+    return f"Looked in {folder} (the cache) and in {system} (the system's copy)."
+
+
+def cache_dir(dataset: str) -> pathlib.Path:
+    """`$XDG_CACHE_HOME/bioflax_eqx/<dataset>`, or under `~/.cache`."""
     # The XDG spec says to ignore a relative XDG_CACHE_HOME.
     xdg = os.environ.get("XDG_CACHE_HOME")
     if xdg and os.path.isabs(xdg):

@@ -15,7 +15,7 @@ from jaxtyping import Shaped
 
 from .._checks import check_non_negative_int
 from ._dataset import DISPLAY_NAMES, DataNotFoundError
-from ._download import DATA_ENV_VAR, Checksum, download_files
+from ._download import DATA_ENV_VAR, Checksum, download_files, where_looked
 
 
 # One image of either data set: channels, height, width.
@@ -193,7 +193,8 @@ def _locate(dataset: str, folder: pathlib.Path, download: bool) -> list[pathlib.
                 f"{', '.join(still)}; {failure}\n"
                 f"Put these files in {folder} (gzipped, or decompressed without the "
                 f"'.gz' suffix), or pass --data-dir (data_dir=...) or set "
-                f"{DATA_ENV_VAR} to a folder holding all four files.",
+                f"{DATA_ENV_VAR} to a folder holding all four files. "
+                + where_looked(folder, dataset),
                 missing=still,
                 folder=folder,
             )

@@ -26,6 +26,7 @@ DATASETS: tuple[str, ...] = (
 MODELS: tuple[str, ...] = ("mlp", "lenet", "vgg", "resnet20", "custom")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+AUGMENTS: tuple[str, ...] = ("auto", "none", "shift", "shift-flip")
 ACTIVATIONS: dict[str, Callable] = {
     "relu": jax.nn.relu,
     "tanh": jnp.tanh,
@@ -141,9 +142,12 @@ class TrainConfig:
     - `val_size`: training examples held out for validation (chosen by the seed).
     - `n_train`, `n_test`: examples of the synthetic tasks (`val_size` more are drawn
         for validation).
-    - `augment`: for `cifar10`, a random crop with 4 pixels of padding and a random
-        horizontal flip of every training image, on device in each step
-        ([`bioflax_eqx.augment_images`][], seeded); ignored for other data sets.
+    - `augment`: how training images are augmented, on device in each step
+        ([`bioflax_eqx.augment_images`][], seeded): `none`; `shift`, a random crop
+        of the image zero-padded by 4 pixels (CIFAR-10) or 2 (the 28×28 sets), i.e.
+        a random shift; `shift-flip`, that and a random horizontal flip; or `auto`
+        (the default), which becomes `shift-flip` for `cifar10` and `none` for the
+        others. Ignored (left `none`) for the synthetic tasks.
     - `width`, `depth`: hidden layer size and number of hidden layers (`mlp`).
     - `activation`: `relu`, `tanh`, `gelu`, `silu` or `sigmoid` (every model), or
         `auto` (the default), which becomes the model's own: `tanh` for `lenet`
@@ -193,7 +197,7 @@ class TrainConfig:
     val_size: int = _field(5000, "training examples held out")
     n_train: int = _field(20_000, "training examples of synthetic tasks")
     n_test: int = _field(5000, "test examples of synthetic tasks")
-    augment: bool = _field(True, "random crop and flip of CIFAR-10 images")
+    augment: str = _field("auto", "training-image augmentation", AUGMENTS)
     width: int = _field(256, "hidden layer size (mlp)")
     depth: int = _field(2, "number of hidden layers (mlp)")
     activation: str = _field(
@@ -232,6 +236,9 @@ class TrainConfig:
             # Resolved here, so that config.json and resume see the activation used.
             own = "tanh" if self.model == "lenet" else "relu"
             object.__setattr__(self, "activation", own)
+        if self.augment == "auto" or self.dataset not in IMAGE_SIZES:
+            own = "shift-flip" if self.dataset == "cifar10" else "none"
+            object.__setattr__(self, "augment", own)
         if self.model not in ("mlp", "custom") and self.dataset not in IMAGE_SIZES:
             raise ConfigError(
                 "model",
@@ -323,9 +330,11 @@ class TrainConfig:
         return self.dataset in IMAGE_SIZES
 
     @property
-    def augments(self) -> bool:
-        """Whether training images are augmented (`augment` on, CIFAR-10)."""
-        return self.augment and self.dataset == "cifar10"
+    def augment_pad(self) -> int:
+        """Pixels of zero padding of the random shift (0: no shift)."""
+        if self.augment == "none":
+            return 0
+        return 4 if self.dataset == "cifar10" else 2
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict."""
@@ -336,6 +345,8 @@ class TrainConfig:
         """The inverse of `to_dict`; unknown fields raise a `ConfigError`. Fields
         missing (from a checkpoint of an older version) take their defaults."""
         known = {f.name for f in dataclasses.fields(cls)}
+        if isinstance(fields.get("augment"), bool):  # runs saved when `augment` was a bool
+            fields = {**fields, "augment": "auto" if fields["augment"] else "none"}
         for name in fields:
             if name not in known:
                 raise ConfigError(name, "is not a TrainConfig field.")

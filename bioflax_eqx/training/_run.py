@@ -503,9 +503,15 @@ def _step_loss(setup: _Setup):
     loss_fn = _loss_fn(config)
 
     def step_loss(model, state, x, y, key):
-        if config.augments:
+        if config.augment != "none":
             augment_key, key = jax.random.split(key)
-            x = augment_images(augment_key, x, IMAGE_SHAPES[config.dataset])
+            x = augment_images(
+                augment_key,
+                x,
+                IMAGE_SHAPES[config.dataset],
+                pad=config.augment_pad,
+                flip=config.augment == "shift-flip",
+            )
         if setup.image_shape is not None:
             x = x.reshape(x.shape[0], *setup.image_shape)
         # brSF draws one feedback matrix per step: the key is shared by the batch.

@@ -26,6 +26,9 @@ def on_page_markdown(
         path = root / match.group(1)
         if not path.is_file():
             raise PluginError(f"{page.file.src_path} includes {path}, which is missing")
-        return re.sub(r"^#", "##", path.read_text(), flags=re.MULTILINE)
+        text = re.sub(r"^#", "##", path.read_text(), flags=re.MULTILINE)
+        # Figures live in docs/: linked from results/ as ../docs/..., from the page
+        # (docs/results.md) as they are.
+        return text.replace("](../docs/", "](")
 
     return _INCLUDE.sub(include, markdown)
