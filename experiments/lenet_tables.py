@@ -38,7 +38,14 @@ ALL_RULES = ["bp", "fa", "kp", "wm", "dfa", "usf", "brsf", "frsf"]
 # Sanfiz & Akrout (2021), biotorch's `Benchmarks.md`: top-1 test error (%) of LeNet
 # (KP and WM are not in their table).
 BIOTORCH = {
-    "mnist": {"bp": 0.91, "fa": 1.70, "dfa": 1.61, "usf": 0.94, "brsf": 0.91, "frsf": 0.97},
+    "mnist": {
+        "bp": 0.91,
+        "fa": 1.70,
+        "dfa": 1.61,
+        "usf": 0.94,
+        "brsf": 0.91,
+        "frsf": 0.97,
+    },
     "fashion_mnist": {
         "bp": 9.20,
         "fa": 13.06,
@@ -66,6 +73,11 @@ BIOTORCH_CIFAR = {
 # FA and DFA: 0.001) divided by 10 at epochs 100, 150 and 200.
 CIFAR_LR = {"lenet": {"fa": 0.001, "dfa": 0.001}, "resnet20": {}}
 FIGURES = pathlib.Path("docs/figures")
+HEADER = (
+    "| rule | test error (%) | biotorch (%) | ours − biotorch (points) "
+    "| validation error (%) | learning rate | epochs chosen "
+    "| δ angle, conv 1 / conv 2 (°) | s / epoch |\n" + "| --- " * 9 + "|"
+)
 
 
 def _config(args, rule: str, lr: float, seed: int) -> bfx.TrainConfig:
@@ -129,13 +141,14 @@ def _figures(args, histories: dict[str, list[list[dict]]]) -> list[str]:
     FIGURES.mkdir(parents=True, exist_ok=True)
 
     def mean_curve(runs: list[list[dict]], key) -> tuple[list[int], list[float]]:
-        epochs = [row["epoch"] for row in runs[0]]
-        values = [statistics.mean(key(run[i]) for run in runs) for i in range(len(epochs))]
-        return epochs, values
+        epochs = list(range(len(runs[0])))
+        values = [statistics.mean(key(run[i]) for run in runs) for i in epochs]
+        return [i + 1 for i in epochs], values
 
     paths = []
     layers = [("conv 1", 0), ("conv 2", 1), ("dense 120", 2), ("dense 84", 3)]
-    for name, panels in [("test_error", [("test error (%)", None)]), ("delta_angle", layers)]:
+    plots = [("test_error", [("test error (%)", None)]), ("delta_angle", layers)]
+    for name, panels in plots:
         fig = Figure(figsize=(4.2 * len(panels), 3.4), layout="constrained")
         FigureCanvasAgg(fig)
         for i, (title, layer) in enumerate(panels):
@@ -146,7 +159,7 @@ def _figures(args, histories: dict[str, list[list[dict]]]) -> list[str]:
                 elif rule == "bp":
                     continue
                 else:
-                    x, y = mean_curve(runs, lambda row, k=layer: row[f"delta_angle/{k}"])
+                    x, y = mean_curve(runs, lambda r, k=layer: r[f"delta_angle/{k}"])
                 ax.plot(x, y, label=rule, marker=".")
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -191,7 +204,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--limit", type=int, default=None, help="images read (checks)")
     parser.add_argument("--runs", default=None, help="default runs/<dataset>_lenet")
-    parser.add_argument("--results", default=None, help="default results/<dataset>_lenet.md")
+    parser.add_argument("--results", default=None, help="results/<dataset>_lenet.md")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--cifar-commands", action="store_true")
     args = parser.parse_args()
@@ -221,7 +234,8 @@ def main() -> None:
     }
     histories = {r: [_history(c) for c in configs] for r, configs in runs.items()}
     figures = _figures(args, histories)
-    write_report(args.results, _report(args, chosen_lr, best_val, histories, summaries, figures))
+    report = _report(args, chosen_lr, best_val, histories, summaries, figures)
+    write_report(args.results, report)
 
 
 def _report(args, chosen_lr, best_val, histories, summaries, figures) -> str:
@@ -240,7 +254,9 @@ def _report(args, chosen_lr, best_val, histories, summaries, figures) -> str:
         delta = (
             "—"
             if rule == "bp"
-            else " / ".join(mean_std([row[f"delta_angle/{k}"] for row in chosen]) for k in (0, 1))
+            else " / ".join(
+                mean_std([row[f"delta_angle/{k}"] for row in chosen]) for k in (0, 1)
+            )
         )
         seconds = statistics.median(
             s["time_per_epoch_s"] for (r, *_), s in summaries.items() if r == rule
@@ -283,9 +299,7 @@ CIFAR LeNet (convolutions of 32 and 64 channels, dense 128, 84, 10), with ReLU.
     cpu_minutes = sum(s["total_time_s"] for s in summaries.values()) / 60
     title = TITLES[args.dataset]
     data_flag = {"mnist": "mnist", "fashion_mnist": "fashion-mnist"}[args.dataset]
-    figure_links = "\n\n".join(
-        f"![{pathlib.Path(p).stem}](../{p})" for p in figures
-    )
+    figure_links = "\n\n".join(f"![{pathlib.Path(p).stem}](../{p})" for p in figures)
     return f"""# LeNet-5 on {title}: every rule, {args.seeds} seeds, beside biotorch
 
 Produced by `python experiments/lenet_tables.py --dataset {args.dataset} --data-dir
@@ -304,8 +318,7 @@ run, not searched). Each rule's learning rate is chosen among
 run reports the test error of *its epoch of best validation accuracy*. Mean ±
 standard deviation over seeds 0–{args.seeds - 1}. The test set chooses nothing.
 
-| rule | test error (%) | biotorch (%) | ours − biotorch (points) | validation error (%) | learning rate | epochs chosen | δ angle, conv 1 / conv 2 (°) | s / epoch |
-| --- | --- | --- | --- | --- | --- | --- | --- | --- |
+{HEADER}
 {chr(10).join(rows)}
 
 {verdict}

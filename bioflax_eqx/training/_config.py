@@ -345,7 +345,7 @@ class TrainConfig:
         """The inverse of `to_dict`; unknown fields raise a `ConfigError`. Fields
         missing (from a checkpoint of an older version) take their defaults."""
         known = {f.name for f in dataclasses.fields(cls)}
-        if isinstance(fields.get("augment"), bool):  # runs saved when `augment` was a bool
+        if isinstance(fields.get("augment"), bool):  # saved when it was a bool
             fields = {**fields, "augment": "auto" if fields["augment"] else "none"}
         for name in fields:
             if name not in known:
