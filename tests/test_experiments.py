@@ -1,0 +1,78 @@
+"""The LeNet tables' protocol: the learning rate and the reported epoch are chosen on
+validation, never on the test set. Checked on runs written here by hand, read back by
+`experiments/lenet_tables.py --report-only`."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "lenet_tables.py"
+
+
+def _write_run(folder: pathlib.Path, rows: list[tuple[float, float]]) -> None:
+    """A finished run whose epochs have these `(val_acc, test_acc)`."""
+    folder.mkdir(parents=True)
+    metrics = [
+        {
+            "epoch": i + 1,
+            "val_acc": val,
+            "test_acc": test,
+            **{f"delta_angle/{k}": 10.0 * (k + 1) for k in range(4)},
+        }
+        for i, (val, test) in enumerate(rows)
+    ]
+    (folder / "metrics.jsonl").write_text(
+        "".join(json.dumps(m) + "\n" for m in metrics)
+    )
+    summary = {
+        "status": "completed",
+        "epochs": len(rows),
+        "time_per_epoch_s": 2.0,
+        "total_time_s": 6.0,
+    }
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_rate_and_epoch_are_chosen_on_validation(tmp_path):
+    runs = tmp_path / "runs"
+    # lr 0.003 has the best *test* accuracy, lr 0.001 the best validation accuracy.
+    _write_run(runs / "bp-lr0.001-seed0", [(0.97, 0.96), (0.99, 0.985), (0.98, 0.999)])
+    _write_run(runs / "bp-lr0.003-seed0", [(0.97, 0.999), (0.98, 0.999), (0.98, 0.999)])
+    # Seed 1 at the chosen rate: its best validation epoch is the first.
+    _write_run(runs / "bp-lr0.001-seed1", [(0.995, 0.975), (0.99, 0.999), (0.99, 0.9)])
+    # fa: equal validation at both rates: the smaller rate; equal epochs: the first.
+    _write_run(runs / "fa-lr0.001-seed0", [(0.95, 0.93), (0.95, 0.99), (0.9, 0.9)])
+    _write_run(runs / "fa-lr0.003-seed0", [(0.95, 0.99), (0.94, 0.99), (0.9, 0.99)])
+    _write_run(runs / "fa-lr0.001-seed1", [(0.9, 0.9), (0.96, 0.95), (0.96, 0.99)])
+    out = tmp_path / "table.md"
+    args = ["--rules", "bp", "fa", "--seeds", "2", "--epochs", "3", "--report-only"]
+    subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            *args,
+            "--runs",
+            str(runs),
+            "--results",
+            str(out),
+        ],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+    )
+    text = out.read_text()
+    # bp: seed 0 epoch 2 (1.5 % error), seed 1 epoch 1 (2.5 %): 2.00 ± 0.71.
+    assert (
+        "| bp | **2.00 ± 0.71** | 0.91 | +1.09 | 0.75 ± 0.35 | 0.001 | 2, 1 |" in text
+    )
+    # fa: seed 0 epoch 1 (7 %), seed 1 epoch 2 (5 %): 6.00 ± 1.41.
+    assert "| fa | **6.00 ± 1.41** | 1.7 | +4.30 | 4.50 ± 0.71 | 0.001 | 1, 2 |" in text
+    assert "| bp | 1.00 | 2.00 | 0.001 |" in text  # the search, on validation
+    assert "| fa | 5.00 | 5.00 | 0.001 |" in text
+    assert "**Missed**" in text and "bp by 1.09" in text
+    for name in ("test_error", "delta_angle"):
+        figure = f"docs/figures/mnist_lenet_{name}.png"
+        assert (tmp_path / figure).stat().st_size > 0
+        assert f"](../{figure})" in text
