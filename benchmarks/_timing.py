@@ -14,13 +14,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import _torch
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
 
 import bioflax_eqx as bfx
+
+from . import _torch
 
 
 DTYPE = jnp.float32
@@ -162,16 +163,11 @@ def mnist(data_dir: str | None, limit: int | None):
 # ------------------------------------------------------------ compiled programs
 
 
-def cross_entropy(logits, labels):
-    picked = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
-    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - picked)
-
-
 def batch_loss(model, x, y, key):
     """The loss for `bfx.train_epoch`: one key for the whole batch (brSF draws one
     feedback matrix per step), no auxiliary output."""
     logits = jax.vmap(lambda xi: model(xi, key=key))(x)
-    return cross_entropy(logits, y), None
+    return jnp.mean(jax.vmap(bfx.cross_entropy)(logits, y)), None
 
 
 def memory_stats(compiled) -> dict[str, int]:

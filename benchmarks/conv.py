@@ -2,13 +2,12 @@
 Adam step of every rule relative to backprop, whole MNIST epochs
 (`bfx.train_epoch`), and the same LeNet in PyTorch with biotorch-style FA layers.
 
-    .venv-bench/bin/python benchmarks/conv.py --out /tmp/conv.md
+    .venv-bench/bin/python -m benchmarks.conv --out /tmp/conv.md
 
-(`benchmarks/run_all.py` runs it with the other scripts and writes `results.md`.)
+(`python -m benchmarks.run_all` runs it with the other scripts and writes `results.md`.)
 """
 
 import dataclasses
-import pathlib
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,13 +16,8 @@ import jax
 import jax.numpy as jnp
 
 import bioflax_eqx as bfx
-from bioflax_eqx.training._models import lenet
 
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import _timing as T  # noqa: E402
-import _torch  # noqa: E402
-import conv_ops  # noqa: E402
+from . import _timing as T, _torch, conv_ops
 
 
 STEP_TARGETS = {"fa": 1.05, "usf": 1.05, "frsf": 1.05, "brsf": 1.15, "dfa": 0.90}
@@ -49,7 +43,7 @@ SMOKE = Setup(("bp", "fa", "dfa"), 16, 1, 1, 1, 256, True, 1)
 def model_for(rule: str):
     """The same initial weights for every rule; the rule's feedback from key 1."""
     return bfx.convert(
-        lenet((1, 28, 28), 10, jnp.tanh, key=jax.random.key(0)),
+        bfx.lenet((1, 28, 28), 10, jnp.tanh, key=jax.random.key(0)),
         rule,
         key=jax.random.key(1),
         error_features=10,

@@ -7,13 +7,14 @@ puts the table in its report."""
 from collections.abc import Callable
 from typing import Any
 
-import _timing as T
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 import bioflax_eqx as bfx
+
+from . import _timing as T
 
 
 SCAN_LENGTH = 8  # iterations of the loop that each op is timed in

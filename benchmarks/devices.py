@@ -2,13 +2,13 @@
 an MLP, each batch split over the devices) on 1, 2 and 4 simulated CPU devices, and
 on the GPUs of the machine if it has any.
 
-    .venv/bin/python benchmarks/devices.py --out /tmp/devices.md
+    .venv/bin/python -m benchmarks.devices --out /tmp/devices.md
 
 Each device count runs in a process of its own: JAX reads
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` once, when it starts. Simulated
 devices share the machine's cores, so on a small machine this shows that the
 sharded epoch works and what it costs, not a speed-up (functional scaling only).
-(`benchmarks/run_all.py` runs it with the other scripts.)
+(`python -m benchmarks.run_all` runs it with the other scripts.)
 """
 
 import dataclasses
@@ -29,9 +29,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import bioflax_eqx as bfx
 
+from . import _timing as T
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import _timing as T  # noqa: E402
+
+# The repository root: where `python -m benchmarks.devices` finds the package.
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,13 +122,15 @@ def _in_process(
     result = subprocess.run(
         [
             sys.executable,
-            __file__,
+            "-m",
+            "benchmarks.devices",
             "--worker",
             json.dumps(dataclasses.asdict(setup)),
             str(devices),
             data_dir or "",
         ],
         env={**os.environ, **env},
+        cwd=_ROOT,
         capture_output=True,
         text=True,
         timeout=3600,
@@ -201,8 +205,8 @@ def run(
     lines: list[str] = []
     add = lines.append
     add(
-        f"`benchmarks/devices.py`, run {started:%Y-%m-%d %H:%M %Z} (load average "
-        f"{load_start} at start, {load_end} at the end). Whole MNIST epochs of "
+        f"`python -m benchmarks.devices`, run {started:%Y-%m-%d %H:%M %Z} (load "
+        f"average {load_start} at start, {load_end} at the end). Whole MNIST epochs of "
         f"`bfx.train_epoch(..., mesh=mesh)`: MLP {sizes}, float32, "
         f"`optax.adam({T.LR})`, a global batch of {setup.batch} split evenly over "
         "the devices, the parameters and optimiser state replicated; median of "

@@ -1,13 +1,12 @@
 """MLPs: the gradient and the Adam step of every rule relative to backprop, whole
 MNIST epochs (`bfx.train_epoch`), and the same MLP in PyTorch.
 
-    .venv-bench/bin/python benchmarks/mlp.py --out /tmp/mlp.md
+    .venv-bench/bin/python -m benchmarks.mlp --out /tmp/mlp.md
 
-(`benchmarks/run_all.py` runs it with the other scripts and writes `results.md`.)
+(`python -m benchmarks.run_all` runs it with the other scripts and writes `results.md`.)
 """
 
 import dataclasses
-import pathlib
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,10 +15,7 @@ import jax
 
 import bioflax_eqx as bfx
 
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import _timing as T  # noqa: E402
-import _torch  # noqa: E402
+from . import _timing as T, _torch
 
 
 # The targets of issue 8, as rule: limit on the Adam step (and the gradient).

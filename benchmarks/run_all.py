@@ -6,7 +6,7 @@ From the repository root, with the library and PyTorch in one environment:
 
     python3 -m venv .venv-bench
     .venv-bench/bin/pip install -e . torch==2.13.0
-    .venv-bench/bin/python benchmarks/run_all.py
+    .venv-bench/bin/python -m benchmarks.run_all
 
 About 20 minutes on 2 cores. The scripts (`mlp.py`: MLPs; `conv.py`: LeNet-5, with
 `conv_ops.py`'s table of each convolution's and pool's ops on both paths;
@@ -14,8 +14,8 @@ About 20 minutes on 2 cores. The scripts (`mlp.py`: MLPs; `conv.py`: LeNet-5, wi
 `_timing.py`: every measurement is interleaved with those it is compared with (a
 fresh random order each round) and reported as a median, and every ratio in the
 report is of two figures measured side by side in this run. Epochs run through the
-library's own `bfx.train_epoch`. Without PyTorch (e.g. `.venv/bin/python
-benchmarks/run_all.py`, or `--no-torch`) the PyTorch comparison is left out.
+library's own `bfx.train_epoch`. Without PyTorch (e.g. `.venv/bin/python -m
+benchmarks.run_all`, or `--no-torch`) the PyTorch comparison is left out.
 `--smoke` runs tiny sizes once, in seconds (the test suite does, so that the
 scripts cannot rot); it needs `--out`, so that it never overwrites the results.
 """
@@ -27,13 +27,7 @@ import resource
 import sys
 from collections.abc import Sequence
 
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import _timing as T  # noqa: E402
-import _torch  # noqa: E402
-import conv  # noqa: E402
-import devices  # noqa: E402
-import mlp  # noqa: E402
+from . import _timing as T, _torch, conv, devices, mlp
 
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results.md"
@@ -66,7 +60,7 @@ def run(
     lines = [f"# Benchmarks{mode}\n"]
     add = lines.append
     add(
-        "Written by `.venv-bench/bin/python benchmarks/run_all.py` (setup in its "
+        "Written by `.venv-bench/bin/python -m benchmarks.run_all` (setup in its "
         "docstring); every figure below comes from one run of it, and every ratio "
         "is of two medians measured side by side (interleaved) in that run. The "
         "machine is shared with other work: the load average shows how much.\n"

@@ -31,17 +31,15 @@ from ._optim import (
     freeze_feedback as freeze_feedback,
     trainable as trainable,
 )
+from ._registry import RULES as RULES
 from ._rules import (
-    BRSF as BRSF,
     FA as FA,
-    FRSF as FRSF,
     KP as KP,
-    RULES as RULES,
-    USF as USF,
     WM as WM,
     AbstractFeedback as AbstractFeedback,
     AbstractRule as AbstractRule,
 )
+from ._sign import BRSF as BRSF, FRSF as FRSF, USF as USF
 from .data import (
     DataNotFoundError as DataNotFoundError,
     Dataset as Dataset,
@@ -52,6 +50,12 @@ from .data import (
     sine as sine,
     teacher_student as teacher_student,
 )
+from .models import (
+    ResidualBlock as ResidualBlock,
+    lenet as lenet,
+    resnet20 as resnet20,
+    vgg as vgg,
+)
 from .training import (
     CheckpointError as CheckpointError,
     ConfigError as ConfigError,
@@ -59,7 +63,9 @@ from .training import (
     TrainConfig as TrainConfig,
     TrainResult as TrainResult,
     compare as compare,
+    cross_entropy as cross_entropy,
     load_run as load_run,
+    squared_error as squared_error,
     train as train,
     train_epoch as train_epoch,
     train_epoch_with_state as train_epoch_with_state,

@@ -1,6 +1,8 @@
 """Checks of arguments, with one message style: "`name` must be a ..., got ...".
 
-Each raises a `ValueError` naming the first argument that fails.
+Each raises a `ValueError` naming the first argument that fails (the number checks
+an `ArgumentError`, which says which argument and why: the trainer's configuration
+turns it into a `ConfigError`).
 """
 
 import math
@@ -13,13 +15,22 @@ import jax
 from jaxtyping import Array
 
 
-def _is_int(x: object) -> TypeGuard[int]:
+def is_int(x: object) -> TypeGuard[int]:
     # `True` is an `int` too, but never a size.
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _is_finite(x: object) -> TypeGuard[float]:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+class ArgumentError(ValueError):
+    """A failed check of one argument: `name` must be ..., `reason` says what."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"`{name}` {reason}")
+        self.name = name
+        self.reason = reason
 
 
 def _check(
@@ -31,15 +42,15 @@ def _check(
     for name, value in values.items():
         if not (is_kind(value) and (value >= 0 if zero_ok else value > 0)):
             sign = "non-negative" if zero_ok else "positive"
-            raise ValueError(f"`{name}` must be a {sign} {kind}, got {value!r}.")
+            raise ArgumentError(name, f"must be a {sign} {kind}, got {value!r}.")
 
 
 def check_positive_int(**values: object) -> None:
-    _check(values, "integer", _is_int, zero_ok=False)
+    _check(values, "integer", is_int, zero_ok=False)
 
 
 def check_non_negative_int(**values: object) -> None:
-    _check(values, "integer", _is_int, zero_ok=True)
+    _check(values, "integer", is_int, zero_ok=True)
 
 
 def check_positive_number(**values: object) -> None:

@@ -8,7 +8,8 @@ from jaxtyping import PRNGKeyArray
 from ._dfa import DFA, Sequential
 from ._layers import is_linear_layer, linear_layers
 from ._mlp import MLP
-from ._rules import WRAPPERS, AbstractRule, check_rule
+from ._registry import WRAPPERS, check_rule
+from ._rules import AbstractRule
 
 
 _Model = TypeVar("_Model")

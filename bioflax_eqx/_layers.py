@@ -5,7 +5,8 @@ import jax
 from jaxtyping import PyTree
 
 from ._dfa import DFA
-from ._rules import WRAPPERS, AbstractFeedback, AbstractRule
+from ._registry import WRAPPERS
+from ._rules import AbstractFeedback, AbstractRule
 
 
 # The layers every rule knows how to wrap: linear in their input, with a `weight`.

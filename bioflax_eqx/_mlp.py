@@ -8,7 +8,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ._checks import check_non_negative_int, check_positive_int, check_vector_input
 from ._dfa import DFA, close_error_channel, open_error_channel
 from ._layers import rule_of
-from ._rules import WRAPPERS, check_rule
+from ._registry import WRAPPERS, check_rule
 
 
 def _identity(x):

@@ -12,12 +12,10 @@ dense layer the papers' `B` (shape of `Wᵀ`) is `feedback.T`.
 
 import abc
 import math
-from collections.abc import Callable
 from typing import ClassVar, Generic, TypeVar
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
@@ -31,7 +29,6 @@ from ._checks import (
     example_input,
 )
 from ._feedback import reroute, tie
-from ._kernels import uniform as fused_uniform
 from ._misc import uniform
 
 
@@ -39,13 +36,6 @@ from ._misc import uniform
 # linear in its input for a rule.
 _Wrapped = TypeVar("_Wrapped")
 _Layer = TypeVar("_Layer", bound=eqx.Module)
-
-RULES: tuple[str, ...] = ("bp", "fa", "kp", "wm", "dfa", "usf", "brsf", "frsf")
-
-
-def check_rule(rule: str) -> None:
-    if rule not in RULES:
-        raise ValueError(f"unknown rule {rule!r}; expected one of {', '.join(RULES)}.")
 
 
 def fan_in(weight: Array) -> int:
@@ -162,7 +152,7 @@ class AbstractRule(AbstractWrapper[_Layer]):
             return reroute(output, x, fixed(with_weight(self.layer, feedback)))
 
 
-def _draw(layer: eqx.Module, name: str, scale: float, key: PRNGKeyArray) -> Array:
+def draw(layer: eqx.Module, name: str, scale: float, key: PRNGKeyArray) -> Array:
     """Checks `layer`, then draws from `U(-s/√fan_in, s/√fan_in)`: the distribution
     of Equinox's default initialisation of its weight, times `s = feedback_scale`."""
     check_wrappable(layer, name)
@@ -171,7 +161,7 @@ def _draw(layer: eqx.Module, name: str, scale: float, key: PRNGKeyArray) -> Arra
     return uniform(key, weight.shape, scale / math.sqrt(fan_in(weight)), weight.dtype)
 
 
-def _check_drawn(rule: AbstractRule, field: str) -> None:
+def check_drawn(rule: AbstractRule, field: str) -> None:
     name = type(rule).__name__
     check_layer(rule.layer, name)
     check_feedback(field, getattr(rule, field), rule.weight)
@@ -195,53 +185,16 @@ class AbstractStoredRule(AbstractRule[_Layer]):
             of the weight, `fan_in` = the size of every weight axis but the first).
         - `key`: a `jax.random.PRNGKey` for `B`.
         """
-        self.feedback = _draw(layer, type(self).__name__, feedback_scale, key)
+        self.feedback = draw(layer, type(self).__name__, feedback_scale, key)
         self.layer = layer
 
     def __check_init__(self):
-        _check_drawn(self, "feedback")
+        check_drawn(self, "feedback")
 
     def feedback_weight(
         self, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "..."]:
         return self.feedback
-
-
-class AbstractScaledSignRule(AbstractRule[_Layer]):
-    """A sign-concordant rule with nothing stored: `B` follows `sign(W)` on every
-    call, times a fixed `scale = feedback_scale / √(fan_in_factor · fan_in)`."""
-
-    layer: _Layer
-    scale: float = eqx.field(static=True)
-    # The default scale's variance factor: 3 for the std of Equinox's initial
-    # weights (uSF), 1 for their bound (brSF).
-    fan_in_factor: eqx.AbstractClassVar[int]
-
-    def __init__(
-        self,
-        layer: _Layer,
-        *,
-        feedback_scale: float = 1.0,
-        key: PRNGKeyArray | None = None,
-    ):
-        """**Arguments:**
-
-        - `layer`: the layer to wrap.
-        - `feedback_scale`: multiplies the default scale.
-        - `key`: unused (nothing is drawn here); accepted so that every rule is
-            built alike.
-        """
-        del key
-        check_wrappable(layer, type(self).__name__)
-        check_positive_number(feedback_scale=feedback_scale)
-        self.layer = layer
-        self.scale = feedback_scale / math.sqrt(
-            self.fan_in_factor * fan_in(self.weight)
-        )
-
-    def __check_init__(self):
-        check_layer(self.layer, type(self).__name__)
-        check_positive_number(scale=self.scale)
 
 
 class FA(AbstractStoredRule[_Layer]):
@@ -283,107 +236,6 @@ class KP(AbstractStoredRule[_Layer]):
     # The base's own: a type checker would otherwise synthesise a dataclass one.
     __init__ = AbstractStoredRule.__init__
     trains_feedback: ClassVar[bool] = True
-
-
-class USF(AbstractScaledSignRule[_Layer]):
-    """Uniform sign-concordant feedback, uSF (Liao, Leibo & Poggio 2016; named as in
-    Sanfiz & Akrout 2021).
-
-    $$B = s \\, \\operatorname{sign}(W),$$
-
-    recomputed from the current $W$ on every call, with a fixed scale $s$ (the papers'
-    $B$, shape of $W^\\top$, is its transpose for a dense layer). The default $s$ is
-    the standard deviation of Equinox's initial weights, $1/\\sqrt{3 \\cdot
-    \\mathrm{fan\\_in}}$, times `feedback_scale`. Nothing in $B$ is learned or stored.
-    """
-
-    # The base's own: a type checker would otherwise synthesise a dataclass one.
-    __init__ = AbstractScaledSignRule.__init__
-    trains_feedback: ClassVar[bool] = False
-    fan_in_factor: ClassVar[int] = 3
-
-    @property
-    def feedback(self) -> Float[Array, "..."]:
-        return self.scale * jnp.sign(self.weight)
-
-    def feedback_weight(
-        self, *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "..."]:
-        return self.feedback
-
-
-class FRSF(AbstractRule[_Layer]):
-    """Fixed random-magnitude sign-concordant feedback, frSF (Sanfiz & Akrout 2021).
-
-    $$B = |B_0| \\circ \\operatorname{sign}(W),$$
-
-    with $B_0$ (the field `magnitude`, in the weight's layout) drawn once like FA's
-    feedback and never trained; the signs follow the current $W$ on every call.
-    """
-
-    layer: _Layer
-    magnitude: Float[Array, "..."]
-    trains_feedback: ClassVar[bool] = False
-
-    def __init__(
-        self, layer: _Layer, *, feedback_scale: float = 1.0, key: PRNGKeyArray
-    ):
-        """**Arguments:** as [`bioflax_eqx.FA`][]; `magnitude` is drawn as FA's
-        `feedback`."""
-        self.magnitude = _draw(layer, "FRSF", feedback_scale, key)
-        self.layer = layer
-
-    def __check_init__(self):
-        _check_drawn(self, "magnitude")
-
-    @property
-    def feedback(self) -> Float[Array, "..."]:
-        return jnp.abs(self.magnitude) * jnp.sign(self.weight)
-
-    def feedback_weight(
-        self, *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "..."]:
-        # Checked before it is used: a wrong magnitude would broadcast silently.
-        check_feedback("magnitude", self.magnitude, self.weight)
-        return self.feedback
-
-
-class BRSF(AbstractScaledSignRule[_Layer]):
-    """Batchwise random-magnitude sign-concordant feedback, brSF (Sanfiz & Akrout
-    2021).
-
-    $$B = |M| \\circ \\operatorname{sign}(W), \\qquad
-    M \\sim U(-s/\\sqrt{\\mathrm{fan\\_in}}, s/\\sqrt{\\mathrm{fan\\_in}})$$
-
-    with $M$ redrawn on every call from `key` (so every call needs one): under
-    `jit` it is, bit for bit, `jax.random.uniform(key, weight.shape,
-    minval=-s/√fan_in, maxval=s/√fan_in)`.
-    Under `jax.vmap`, share the key across the batch (`in_axes=None`): one draw per
-    batch, which also keeps the backward pass a single product. `feedback` returns
-    the expected value $\\tfrac{s}{2\\sqrt{\\mathrm{fan\\_in}}}
-    \\operatorname{sign}(W)$.
-    """
-
-    # The base's own: a type checker would otherwise synthesise a dataclass one.
-    __init__ = AbstractScaledSignRule.__init__
-    trains_feedback: ClassVar[bool] = False
-    fan_in_factor: ClassVar[int] = 1
-
-    @property
-    def feedback(self) -> Float[Array, "..."]:
-        return (self.scale / 2) * jnp.sign(self.weight)
-
-    def feedback_weight(
-        self, *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "..."]:
-        if key is None:
-            raise ValueError(
-                "BRSF draws new feedback magnitudes on every call: pass `key=`."
-            )
-        # A fused Threefry: under jit, bit for bit `jax.random.uniform(key,
-        # weight.shape, ...)` (run eagerly, float64 may differ in the last bit).
-        magnitude = fused_uniform(key, self.weight.shape, self.scale, self.weight.dtype)
-        return jnp.abs(magnitude) * jnp.sign(self.weight)
 
 
 class WM(AbstractStoredRule[_Layer]):
@@ -431,14 +283,3 @@ class WM(AbstractStoredRule[_Layer]):
             weight.shape
         )
         return eqx.tree_at(lambda m: m.feedback, self, feedback.astype(weight.dtype))
-
-
-# Every rule but backprop and DFA wraps a layer alike.
-WRAPPERS: dict[str, Callable[..., AbstractRule]] = {
-    "fa": FA,
-    "kp": KP,
-    "wm": WM,
-    "usf": USF,
-    "brsf": BRSF,
-    "frsf": FRSF,
-}

@@ -36,7 +36,7 @@ with install_import_hook(
     "beartype.beartype(conf=beartype.BeartypeConf(strategy=beartype.BeartypeStrategy.On))",
 ):
     import bioflax_eqx as bfx
-    from bioflax_eqx.training import _run
+    from bioflax_eqx.training import _compiled
 
 
 # The trainer's runs: 500 training, 100 validation and 600 test images, 10 steps of
@@ -56,7 +56,7 @@ TRAIN: dict[str, Any] = dict(
 )
 # Evaluated in chunks of 40 (not 1000), so that the 600 test and 100 validation
 # images go through the sharded chunks and the whole remainder alike.
-_run._EVAL_CHUNK = 40
+_compiled._EVAL_CHUNK = 40
 
 
 def mesh_of(n: int) -> Mesh:

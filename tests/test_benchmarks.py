@@ -3,26 +3,21 @@ timing is asserted: the speed targets are checked in the benchmark's own report.
 
 import importlib
 import pathlib
+import subprocess
 import sys
 
 import pytest
 
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def scripts():
-    """The benchmark modules, imported as the scripts import each other (their
-    folder on `sys.path`)."""
+    """The benchmark modules, imported from the `benchmarks` package (the tests run
+    from the repository root, as `python -m benchmarks.run_all` does)."""
     names = ("_timing", "_torch", "mlp", "conv_ops", "conv", "devices", "run_all")
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield {name: importlib.import_module(name) for name in names}
-    finally:
-        for name in names:
-            sys.modules.pop(name, None)
-        sys.path.remove(str(BENCHMARKS))
+    return {name: importlib.import_module(f"benchmarks.{name}") for name in names}
 
 
 def test_smoke_run_writes_a_report(scripts, tmp_path, mnist_dir):
@@ -100,3 +95,17 @@ def test_flop_count(scripts):
     # DFA's hidden layers read the 10 outputs' error instead of the next layer's.
     direct = 1024 * 10 + 1024 * 10
     assert mlp.matmul_flops("dfa", sizes, batch) == 2 * batch * (2 * layers + direct)
+
+
+def test_run_all_runs_as_a_module():
+    """`python -m benchmarks.run_all` from the repository root finds its package
+    (no `sys.path` edits); the smoke run above starts `benchmarks.devices` so."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run_all", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--smoke" in done.stdout

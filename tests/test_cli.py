@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import bioflax_eqx as bfx
-from bioflax_eqx.training import _checkpoint, _run
+from bioflax_eqx.training import _checkpoint, _compiled
 from bioflax_eqx.training._cli import main
 
 from .test_train import SMALL
@@ -99,7 +99,7 @@ def test_a_run_that_failed_before_any_checkpoint_does_not_block_a_fresh_one(
 
 
 def test_an_interrupt_says_what_it_kept(tmp_path, mnist_dir, capsys, monkeypatch):
-    evaluate = _run._evaluate
+    evaluate = _compiled.evaluate
     calls = []
 
     def interrupted_in_epoch(epoch):
@@ -112,7 +112,7 @@ def test_an_interrupt_says_what_it_kept(tmp_path, mnist_dir, capsys, monkeypatch
         return fake
 
     out = tmp_path / "run"
-    monkeypatch.setattr(_run, "_evaluate", interrupted_in_epoch(1))
+    monkeypatch.setattr(_compiled, "evaluate", interrupted_in_epoch(1))
     assert main(_args(out, mnist_dir, epochs=2)) == 130
     err = capsys.readouterr().err
     assert "no epoch had finished, so no checkpoint was written" in err
@@ -120,10 +120,10 @@ def test_an_interrupt_says_what_it_kept(tmp_path, mnist_dir, capsys, monkeypatch
 
     # The same command again starts afresh; stopped in epoch 2, it keeps epoch 1.
     calls.clear()
-    monkeypatch.setattr(_run, "_evaluate", interrupted_in_epoch(2))
+    monkeypatch.setattr(_compiled, "evaluate", interrupted_in_epoch(2))
     assert main(_args(out, mnist_dir, epochs=2)) == 130
     assert f"checkpoint kept: {out} at epoch 1 (--resume" in capsys.readouterr().err
-    monkeypatch.setattr(_run, "_evaluate", evaluate)
+    monkeypatch.setattr(_compiled, "evaluate", evaluate)
     resume = ["train", "--out", str(out), "--resume"]
     assert main(resume) == 0
     assert f"resuming {out} from epoch 1." in capsys.readouterr().err
@@ -133,14 +133,14 @@ def test_an_interrupt_says_what_it_kept(tmp_path, mnist_dir, capsys, monkeypatch
 @pytest.mark.parametrize(
     "flag, value, message",
     [
-        ("--lr", "-1", "must be a positive number"),
-        ("--lr", "0", "must be a positive number"),
+        ("--lr", "-1", "must be a positive finite number"),
+        ("--lr", "0", "must be a positive finite number"),
         ("--weight-decay", "1", r"must be in \[0, 1\)"),
         ("--weight-decay", "-0.5", r"must be in \[0, 1\)"),
-        ("--width", "0", "must be an integer >= 1"),
-        ("--depth", "-1", "must be an integer >= 0"),
+        ("--width", "0", "must be a positive integer"),
+        ("--depth", "-1", "must be a non-negative integer"),
         ("--batch-size", "501", "at most the 500 training examples"),
-        ("--epochs", "0", "must be an integer >= 1"),
+        ("--epochs", "0", "must be a positive integer"),
         ("--rule", "backprop", "invalid choice"),
         ("--dataset", "imagenet", "invalid choice"),
         ("--model", "resnet50", "invalid choice"),

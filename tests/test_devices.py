@@ -218,7 +218,7 @@ def test_checkpoints_resume_across_device_counts(facts):
 
 def test_refusals_on_four_devices(facts):
     assert facts["indivisible"].startswith(
-        "batch_size (45) must be a multiple of the mesh's 2 devices"
+        "`batch_size` must be a multiple of the mesh's 2 devices"
     )
     assert facts["trainer"]["too_many"] == (
         "devices: `devices` asks for 8 devices, but this process has 4 (cpu); on "

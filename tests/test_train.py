@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 import bioflax_eqx as bfx
-from bioflax_eqx.training import _checkpoint, _config, _models, _run as _train
+from bioflax_eqx import models
+from bioflax_eqx.training import _checkpoint, _compiled, _config, _optimizer
+from bioflax_eqx.training._build import build_model
 
 from .helpers import layers_of, tree_allclose
 
@@ -112,11 +114,11 @@ class _Killed(Exception):
 
 def test_resume_is_bit_identical_and_nothing_retraces(tmp_path, mnist_dir):
     whole_config = small(tmp_path / "whole", mnist_dir, epochs=3)
-    before = collections.Counter(_train.TRACE_COUNTS)
+    before = collections.Counter(_compiled.TRACE_COUNTS)
     whole = bfx.train(whole_config, quiet=True)
     # Once at most (other tests may have compiled the same programs already), never
     # once per epoch.
-    traced = _train.TRACE_COUNTS - before
+    traced = _compiled.TRACE_COUNTS - before
     assert set(traced) <= {"epoch", "evaluate"}
     assert all(count == 1 for count in traced.values())
 
@@ -131,7 +133,7 @@ def test_resume_is_bit_identical_and_nothing_retraces(tmp_path, mnist_dir):
     assert not (tmp_path / "parts" / "summary.json").exists()
     resumed = bfx.train(parts_config, resume=True, quiet=True)
     # Another folder, an interruption and a restored state: no new compilation.
-    assert _train.TRACE_COUNTS - before == traced
+    assert _compiled.TRACE_COUNTS - before == traced
 
     # Model, optimiser state and RNG: the same bytes.
     whole_header, whole_payload = _checkpoint.read_header(tmp_path / "whole")
@@ -241,7 +243,7 @@ def test_huge_learning_rate_stops_with_a_clear_message(tmp_path, mnist_dir):
 
 
 def test_nan_keeps_the_last_good_checkpoint(tmp_path, mnist_dir, monkeypatch):
-    real = _train._train_epoch
+    real = _compiled.train_epoch
     calls = []
 
     def nan_in_epoch_2(*args):
@@ -252,7 +254,7 @@ def test_nan_keeps_the_last_good_checkpoint(tmp_path, mnist_dir, monkeypatch):
             return params, state, opt_state, nan, acc, jnp.array(False)
         return params, state, opt_state, loss, acc, finite
 
-    monkeypatch.setattr(_train, "_train_epoch", nan_in_epoch_2)
+    monkeypatch.setattr(_compiled, "train_epoch", nan_in_epoch_2)
     config = small(tmp_path, mnist_dir, epochs=3)
     with pytest.raises(bfx.DivergedError, match=r"epoch 2.*checkpoint \(epoch 1\)"):
         bfx.train(config, quiet=True)
@@ -266,7 +268,7 @@ def _build_with_state(config: bfx.TrainConfig, seed: int = 0) -> tuple[Any, Any]
     the operations compiled for the runs of the other tests are reused."""
     with jax.numpy_dtype_promotion("standard"):
         key = jax.random.split(jax.random.key(seed), 4)[1]  # as train derives it
-        return _train._build_model(config, key)
+        return build_model(config, key)
 
 
 def _build(config: bfx.TrainConfig, seed: int = 0) -> Any:
@@ -308,7 +310,7 @@ def test_kp_decay_shrinks_weight_minus_feedback(optimizer):
         grads,
         [layer.weight for layer in _kp_layers(grads)],
     )
-    transform = _train._optimizer(config)
+    transform = _optimizer.optimizer(config)
 
     @jax.jit
     def step(params, grads):
@@ -357,7 +359,7 @@ def test_the_trainer_never_hands_fixed_feedback_to_the_optimiser(rule):
     assert len(fixed) == len(model.layers)
     # Only weights and biases are optimised: no optimiser state for fixed feedback.
     assert len(jax.tree_util.tree_leaves(params)) == 2 * len(model.layers)
-    transform = _train._optimizer(config)
+    transform = _optimizer.optimizer(config)
     with jax.numpy_dtype_promotion("standard"):
         state = transform.init(params)
     n_state = sum(x.size for x in jax.tree_util.tree_leaves(state))
@@ -389,7 +391,7 @@ def test_the_trainer_never_hands_fixed_feedback_to_the_optimiser(rule):
 def test_schedules():
     fields = {**SMALL, "lr": 0.5, "epochs": 3}  # 10 steps per epoch
     config = bfx.TrainConfig(**fields, schedule="cosine")
-    schedule = _train._schedule(config)
+    schedule = _optimizer.schedule(config)
 
     def lr(step):
         return float(jnp.asarray(schedule(step)))
@@ -399,7 +401,7 @@ def test_schedules():
     assert lr(20) == pytest.approx(0.25)
     assert lr(30) == pytest.approx(0.0, abs=1e-12)
     config = bfx.TrainConfig(**{**fields, "warmup_epochs": 0})
-    schedule = _train._schedule(config)
+    schedule = _optimizer.schedule(config)
     assert lr(0) == lr(1000) == 0.5
 
 
@@ -525,7 +527,7 @@ def test_lenet_is_biotorchs():
     ]
     assert _params(model) == 61_706
     # CIFAR-10: biotorch's wider CIFAR LeNet, no padding, 5×5 features.
-    cifar = _models.lenet((3, 32, 32), 10, jax.nn.relu, key=jax.random.key(0))
+    cifar = models.lenet((3, 32, 32), 10, jax.nn.relu, key=jax.random.key(0))
     convs = [x for x in cifar.layers if isinstance(x, eqx.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels) for c in convs] == [(3, 32), (32, 64)]
     assert convs[0].padding == ((0, 0), (0, 0))
@@ -544,7 +546,7 @@ def test_resnet20_has_he_et_als_size_and_one_dfa_point_per_block():
     # The paper's 0.27M parameters (option A shortcuts, no conv biases).
     weights = eqx.filter(model, eqx.is_inexact_array)
     assert _params(weights) == 269_722 - 2 * 16 * 3 * 3  # one input channel, not 3
-    blocks = [x for x in model.layers if isinstance(x, _models.ResidualBlock)]
+    blocks = [x for x in model.layers if isinstance(x, models.ResidualBlock)]
     assert len(blocks) == 9
     assert len(bfx.convert(model, "fa", key=jax.random.key(0)).layers) == 14
     dfa, state = _build_with_state(_conv("resnet20", "dfa"))
@@ -552,7 +554,7 @@ def test_resnet20_has_he_et_als_size_and_one_dfa_point_per_block():
     points = [x for x in dfa.layers if isinstance(x, bfx.DFA)]
     # The stem conv, every block, the output layer: one feedback point each.
     assert len(points) == 11
-    assert sum(isinstance(p.layer, _models.ResidualBlock) for p in points) == 9
+    assert sum(isinstance(p.layer, models.ResidualBlock) for p in points) == 9
     # Batch norms stay on backprop, outside any wrapper.
     assert isinstance(dfa.layers[1], eqx.nn.BatchNorm)
 
@@ -562,7 +564,7 @@ def test_resnet20_has_he_et_als_size_and_one_dfa_point_per_block():
     def forward(model, state):
         return jax.vmap(
             lambda xi, s: model(xi, s),
-            axis_name=_models.BATCH_AXIS,
+            axis_name=models.BATCH_AXIS,
             in_axes=(0, None),
             out_axes=(0, None),
         )(x, state)
@@ -576,7 +578,7 @@ def test_resnet20_has_he_et_als_size_and_one_dfa_point_per_block():
 
 
 def test_resnet20_counts_cifar_parameters():
-    model = _models.resnet20((3, 32, 32), 10, jax.nn.relu, key=jax.random.key(0))
+    model = models.resnet20((3, 32, 32), 10, jax.nn.relu, key=jax.random.key(0))
     model, _ = eqx.nn.make_with_state(lambda: model)()
     assert _params(eqx.filter(model, eqx.is_inexact_array)) == 269_722
 
@@ -639,9 +641,9 @@ def _own_net(key, rule: str):
 def test_a_model_of_ones_own_with_batch_norm_trains_and_resumes(tmp_path, mnist_dir):
     net = _own_net(jax.random.key(1), "fa")
     config = small(tmp_path / "whole", mnist_dir, model="custom", epochs=3)
-    before = collections.Counter(_train.TRACE_COUNTS)
+    before = collections.Counter(_compiled.TRACE_COUNTS)
     whole = bfx.train(config, model=net, quiet=True)
-    traced = _train.TRACE_COUNTS - before
+    traced = _compiled.TRACE_COUNTS - before
     assert all(count == 1 for count in traced.values())
     assert isinstance(whole.state, eqx.nn.State)
     # Trained, feedback untouched, running statistics updated.
@@ -660,7 +662,7 @@ def test_a_model_of_ones_own_with_batch_norm_trains_and_resumes(tmp_path, mnist_
     with pytest.raises(_Killed):
         bfx.train(parts, model=net, quiet=True, callback=kill_after_epoch_1)
     resumed = bfx.train(parts, model=net, resume=True, quiet=True)
-    assert _train.TRACE_COUNTS - before == traced  # no recompilation
+    assert _compiled.TRACE_COUNTS - before == traced  # no recompilation
     # Parameters, batch-norm state, optimiser state and RNG: the same bytes.
     assert (
         _checkpoint.read_header(tmp_path / "whole")[1]
@@ -729,12 +731,12 @@ def test_cifar10_trains_with_seeded_augmentation(tmp_path, cifar_dir):
 def test_the_step_augments_exactly_as_augment_images(tmp_path, cifar_dir):
     config = _cifar(tmp_path, cifar_dir, rule="bp")
     model, state = _build_with_state(config)
-    setup = _train._setup(config, model, state)
+    setup = _compiled.make_setup(config, model, state)
     x = jax.random.normal(jax.random.key(3), (4, 3072), jnp.float32)
     y = jnp.arange(4, dtype=jnp.int32)
     key = jax.random.key(4)
     with jax.numpy_dtype_promotion("standard"):
-        loss, _ = _train._step_loss(setup)(model, None, x, y, key)
+        loss, _ = _compiled.step_loss(setup)(model, None, x, y, key)
         augment_key, model_key = jax.random.split(key)
         images = bfx.augment_images(augment_key, x, (3, 32, 32))
         assert not tree_allclose(images, x)
@@ -743,8 +745,8 @@ def test_the_step_augments_exactly_as_augment_images(tmp_path, cifar_dir):
         )
         expected = jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[jnp.arange(4), y])
         plain = dataclasses.replace(config, augment="none")
-        plain_setup = _train._setup(plain, model, state)
-        unaugmented, _ = _train._step_loss(plain_setup)(model, None, x, y, key)
+        plain_setup = _compiled.make_setup(plain, model, state)
+        unaugmented, _ = _compiled.step_loss(plain_setup)(model, None, x, y, key)
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     assert not np.isclose(loss, unaugmented)
 
@@ -764,12 +766,12 @@ def test_mnist_augments_by_two_pixel_shifts(tmp_path, mnist_dir, augment):
     )
     assert config.augment_pad == 2
     model, state = _build_with_state(config)
-    setup = _train._setup(config, model, state)
+    setup = _compiled.make_setup(config, model, state)
     x = jax.random.uniform(jax.random.key(3), (4, 784), jnp.float32)
     y = jnp.arange(4, dtype=jnp.int32)
     key = jax.random.key(4)
     with jax.numpy_dtype_promotion("standard"):
-        loss, _ = _train._step_loss(setup)(model, None, x, y, key)
+        loss, _ = _compiled.step_loss(setup)(model, None, x, y, key)
         augment_key, model_key = jax.random.split(key)
         images = bfx.augment_images(
             augment_key, x, (1, 28, 28), pad=2, flip=augment == "shift-flip"

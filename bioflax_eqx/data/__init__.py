@@ -18,5 +18,9 @@ from ._download import (
     resolve_data_dir as resolve_data_dir,
 )
 from ._idx import read_idx as read_idx
-from ._load import IMAGE_SHAPES as IMAGE_SHAPES, load_dataset as load_dataset
+from ._load import (
+    IMAGE_SHAPES as IMAGE_SHAPES,
+    IMAGE_SIZES as IMAGE_SIZES,
+    load_dataset as load_dataset,
+)
 from ._synthetic import sine as sine, teacher_student as teacher_student

@@ -23,6 +23,12 @@ IMAGE_SHAPES = {
     "fashion_mnist": MNIST_SHAPE,
     "cifar10": CIFAR10_SHAPE,
 }
+# Training and test examples of each image data set (known without reading it).
+IMAGE_SIZES = {
+    "mnist": (60_000, 10_000),
+    "fashion_mnist": (60_000, 10_000),
+    "cifar10": (50_000, 10_000),
+}
 
 
 # Jitted: op by op, the permutation alone compiles many small programs.

@@ -1,9 +1,17 @@
 """The experiment harness: the configuration of a run, the compiled epoch loop,
-runs with checkpoints and bit-identical resume, the trainer's networks, plots and
-the `bioflax-eqx` command line. Everything public is also exported by
-`bioflax_eqx` itself (`bfx.train`, `bfx.TrainConfig`, ...)."""
+runs with checkpoints and bit-identical resume, comparisons of rules, plots and the
+`bioflax-eqx` command line. Everything public is also exported by `bioflax_eqx`
+itself (`bfx.train`, `bfx.TrainConfig`, ...).
+
+One job per module: `_config` (the configuration and its checks), `_epoch` (one
+compiled epoch, public), `_build` (a run's data and initial model), `_mesh` (many
+devices), `_optimizer` (schedule, optimiser, what it trains), `_losses`,
+`_compiled` (the trainer's compiled epoch and evaluation), `_records` (a run's
+files and summary), `_checkpoint`, `_run` (`train`, `load_run`), `_compare`,
+`_extras` (progress bar and plots when installed), `_plots`, `_cli`."""
 
 from ._checkpoint import CheckpointError as CheckpointError
+from ._compare import compare as compare
 from ._config import (
     DATASETS as DATASETS,
     MODELS as MODELS,
@@ -14,16 +22,10 @@ from ._epoch import (
     train_epoch as train_epoch,
     train_epoch_with_state as train_epoch_with_state,
 )
-from ._models import (
-    ResidualBlock as ResidualBlock,
-    lenet as lenet,
-    resnet20 as resnet20,
-    vgg as vgg,
-)
+from ._losses import cross_entropy as cross_entropy, squared_error as squared_error
+from ._records import TrainResult as TrainResult
 from ._run import (
     DivergedError as DivergedError,
-    TrainResult as TrainResult,
-    compare as compare,
     load_run as load_run,
     train as train,
 )

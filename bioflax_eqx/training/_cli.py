@@ -11,19 +11,14 @@ from typing import Any
 
 import jax
 
-from .._rules import RULES
+from .._registry import RULES
 from ..data import DataNotFoundError
 from ._checkpoint import CheckpointError, read_header
+from ._compare import compare, comparison_rows
 from ._config import ConfigError, TrainConfig, field_type
-from ._run import (
-    CONFIG_NAME,
-    DivergedError,
-    TrainResult,
-    compare,
-    comparison_rows,
-    is_primary,
-    train,
-)
+from ._mesh import is_primary
+from ._records import CONFIG_NAME, TrainResult
+from ._run import DivergedError, train
 
 
 _DEFAULTS = TrainConfig()

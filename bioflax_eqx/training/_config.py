@@ -11,9 +11,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .._checks import (
+    ArgumentError,
+    check_non_negative_int,
+    check_non_negative_number,
+    check_positive_int,
+    check_positive_number,
+    is_int,
+)
 from .._lowering import CONV_PATHS
-from .._rules import RULES
-from ..data import IMAGE_SHAPES as IMAGE_SHAPES
+from .._registry import RULES
+from ..data import IMAGE_SHAPES, IMAGE_SIZES
 
 
 DATASETS: tuple[str, ...] = (
@@ -35,18 +43,14 @@ ACTIVATIONS: dict[str, Callable] = {
     "sigmoid": jax.nn.sigmoid,
 }
 
-# Training and test examples of the image data sets.
-IMAGE_SIZES = {
-    "mnist": (60_000, 10_000),
-    "fashion_mnist": (60_000, 10_000),
-    "cifar10": (50_000, 10_000),
-}
 # The teacher network of `dataset="teacher_student"`: in, out, width, depth.
 TEACHER = (32, 4, 64, 2)
 
 
 class ConfigError(ValueError):
-    """An invalid [`TrainConfig`][bioflax_eqx.TrainConfig] field; `field` names it."""
+    """An invalid [`TrainConfig`][bioflax_eqx.TrainConfig] field, or argument of the
+    training functions (a `batch_size` that the devices do not divide); `field`
+    names it."""
 
     field: str
     reason: str
@@ -64,18 +68,20 @@ def _field(default: Any, help: str, choices: Sequence[str] | None = None) -> Any
     )
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_int(field: str, value: object, least: int) -> None:
-    if not _is_int(value) or value < least:  # pyright: ignore[reportOperatorIssue]
-        raise ConfigError(field, f"must be an integer >= {least}, got {value!r}.")
-
-
 def check_choice(field: str, value: object, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ConfigError(field, f"must be one of {', '.join(choices)}; got {value!r}.")
+
+
+def check_batch_split(batch_size: int, devices: int, which: str) -> None:
+    """The one check of a batch against devices, wherever a batch is split:
+    `batch_size` must be a multiple of the `devices` that `which` describes."""
+    if batch_size % devices != 0:
+        raise ConfigError(
+            "batch_size",
+            f"must be a multiple of {which}: each device takes an equal part of "
+            f"every batch; got {batch_size}.",
+        )
 
 
 def field_type(annotation: Any) -> tuple[type, bool]:
@@ -96,7 +102,7 @@ def _check_type(field: str, value: object, annotation: Any) -> None:
     if kind is bool:
         ok = isinstance(value, bool)
     elif kind is int:
-        ok = _is_int(value)
+        ok = isinstance(value, int) and is_int(value)  # a Python int (JSON), no bool
     elif kind is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
     else:
@@ -226,12 +232,7 @@ class TrainConfig:
     out: str | None = _field(None, "output folder")
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), f.type)
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices is not None:
-                check_choice(f.name, getattr(self, f.name), choices)
+        self._check_types()
         if self.activation == "auto":
             # Resolved here, so that config.json and resume see the activation used.
             own = "tanh" if self.model == "lenet" else "relu"
@@ -239,43 +240,22 @@ class TrainConfig:
         if self.augment == "auto" or self.dataset not in IMAGE_SIZES:
             own = "shift-flip" if self.dataset == "cifar10" else "none"
             object.__setattr__(self, "augment", own)
-        if self.model not in ("mlp", "custom") and self.dataset not in IMAGE_SIZES:
-            raise ConfigError(
-                "model",
-                f"{self.model} is a conv net: it needs an image data set "
-                f"({', '.join(IMAGE_SIZES)}), got {self.dataset!r}.",
-            )
-        if self.limit is not None:
-            _check_int("limit", self.limit, 1)
-            if self.dataset not in IMAGE_SIZES:
-                raise ConfigError(
-                    "limit",
-                    f"applies to {', '.join(IMAGE_SIZES)} only; use n_train.",
-                )
-        for field, least in [
-            ("val_size", 0),
-            ("n_train", 1),
-            ("n_test", 1),
-            ("width", 1),
-            ("depth", 0),
-            ("warmup_epochs", 0),
-            ("batch_size", 1),
-            ("devices", 1),
-            ("epochs", 1),
-            ("seed", 0),
-            ("metrics_batch", 1),
-            ("mirror_batch", 1),
-        ]:
-            _check_int(field, getattr(self, field), least)
-        for field in ("lr", "mirror_lr", "mirror_noise", "feedback_scale"):
-            value = getattr(self, field)
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(field, f"must be a positive number, got {value!r}.")
-        if not (math.isfinite(self.mirror_decay) and self.mirror_decay >= 0):
-            raise ConfigError(
-                "mirror_decay",
-                f"must be a non-negative number, got {self.mirror_decay!r}.",
-            )
+        self._check_numbers()
+        self._check_data()
+        self._check_batch()
+
+    def _check_types(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
+            choices = f.metadata.get("choices")
+            if choices is not None:
+                check_choice(f.name, getattr(self, f.name), choices)
+
+    def _check_numbers(self) -> None:
+        try:
+            self._check_signs()
+        except ArgumentError as e:
+            raise ConfigError(e.name, e.reason) from None
         if not 0 <= self.weight_decay < 1:
             raise ConfigError(
                 "weight_decay", f"must be in [0, 1), got {self.weight_decay!r}."
@@ -286,22 +266,54 @@ class TrainConfig:
                 f"must be less than epochs ({self.epochs}) for a cosine schedule, "
                 f"got {self.warmup_epochs}.",
             )
+
+    def _check_signs(self) -> None:
+        check_positive_int(
+            limit=1 if self.limit is None else self.limit,
+            n_train=self.n_train,
+            n_test=self.n_test,
+            width=self.width,
+            batch_size=self.batch_size,
+            devices=self.devices,
+            epochs=self.epochs,
+            metrics_batch=self.metrics_batch,
+            mirror_batch=self.mirror_batch,
+        )
+        check_non_negative_int(
+            val_size=self.val_size,
+            depth=self.depth,
+            warmup_epochs=self.warmup_epochs,
+            seed=self.seed,
+        )
+        check_positive_number(
+            lr=self.lr,
+            mirror_lr=self.mirror_lr,
+            mirror_noise=self.mirror_noise,
+            feedback_scale=self.feedback_scale,
+        )
+        check_non_negative_number(mirror_decay=self.mirror_decay)
+
+    def _check_data(self) -> None:
+        images = ", ".join(IMAGE_SIZES)
+        if self.model not in ("mlp", "custom") and self.dataset not in IMAGE_SIZES:
+            raise ConfigError(
+                "model",
+                f"{self.model} is a conv net: it needs an image data set "
+                f"({images}), got {self.dataset!r}.",
+            )
+        if self.limit is not None and self.dataset not in IMAGE_SIZES:
+            raise ConfigError("limit", f"applies to {images} only; use n_train.")
         if self.dataset in IMAGE_SIZES:
-            available = IMAGE_SIZES[self.dataset][0]
-            if self.limit is not None:
-                available = min(available, self.limit)
+            available = self.split_sizes[0] + self.val_size
             if self.val_size >= available:
                 raise ConfigError(
                     "val_size",
                     f"must be less than the {available} training examples, got "
                     f"{self.val_size}.",
                 )
-        if self.batch_size % self.devices != 0:
-            raise ConfigError(
-                "batch_size",
-                f"must be a multiple of devices ({self.devices}): each device takes "
-                f"an equal part of every batch; got {self.batch_size}.",
-            )
+
+    def _check_batch(self) -> None:
+        check_batch_split(self.batch_size, self.devices, f"devices ({self.devices})")
         n_train = self.split_sizes[0]
         if self.batch_size > n_train:
             raise ConfigError(

@@ -17,6 +17,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Shaped
 
 from .._lowering import ConvPath, lowering
 from ..data import epoch_batches
+from ._config import check_batch_split
 
 
 @eqx.filter_jit
@@ -272,11 +273,7 @@ def _constraints(mesh: Mesh | None, batch_size: int):
     every device; without a mesh, both leave their input as it is."""
     if mesh is None:
         return (lambda x, axis: x), (lambda tree: tree)
-    if batch_size % mesh.size != 0:
-        raise ValueError(
-            f"batch_size ({batch_size}) must be a multiple of the mesh's "
-            f"{mesh.size} devices: each device takes an equal part of every batch."
-        )
+    check_batch_split(batch_size, mesh.size, f"the mesh's {mesh.size} devices")
     replicated = NamedSharding(mesh, P())
 
     def split(x, axis):

@@ -1,0 +1,179 @@
+"""What a run starts from: its data and its model, built from the configuration (the
+backprop network converted to the rule) or passed in (`model="custom"`)."""
+
+import contextlib
+import pathlib
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import PRNGKeyArray, PyTree
+
+from .._convert import convert
+from .._dfa import DFA
+from .._layers import linear_layers, rule_of
+from .._mlp import MLP
+from ..data import (
+    IMAGE_SHAPES,
+    IMAGE_SIZES,
+    DataNotFoundError,
+    Dataset,
+    load_dataset,
+    sine,
+    teacher_student,
+)
+from ..models import lenet, resnet20, vgg
+from ._config import ACTIVATIONS, TEACHER, ConfigError, TrainConfig, io_shapes
+
+
+_CONV_NETS = {"lenet": lenet, "vgg": vgg, "resnet20": resnet20}
+
+
+def load_data(config: TrainConfig, key: PRNGKeyArray) -> Dataset:
+    """The configuration's data set, float32; its validation split drawn by `key`."""
+    n_train, n_val, n_test = config.split_sizes
+    if config.dataset in IMAGE_SIZES:
+        folder = None if config.data_dir is None else pathlib.Path(config.data_dir)
+        existed = folder is None or folder.exists()
+        try:
+            return load_dataset(
+                config.dataset,
+                config.data_dir,
+                val_size=n_val,
+                key=key,
+                limit=config.limit,
+                dtype=jnp.float32,
+            )
+        except DataNotFoundError:
+            # The loader made the folder to download into: leave no empty one.
+            if folder is not None and not existed:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
+    if config.dataset == "teacher_student":
+        in_size, out_size, width, depth = TEACHER
+        return teacher_student(
+            key,
+            n_train=n_train,
+            n_val=n_val,
+            n_test=n_test,
+            in_size=in_size,
+            out_size=out_size,
+            width=width,
+            depth=depth,
+            dtype=jnp.float32,
+        )
+    return sine(key, n_train=n_train, n_val=n_val, n_test=n_test, dtype=jnp.float32)
+
+
+def _plain_model(config: TrainConfig, key: PRNGKeyArray) -> Any:
+    """The configuration's network, trained by backprop."""
+    (in_size,), out_size = io_shapes(config)
+    activation = ACTIVATIONS[config.activation]
+    if config.model == "mlp":
+        return MLP(
+            in_size,
+            out_size,
+            config.width,
+            config.depth,
+            rule="bp",
+            activation=activation,
+            dtype=jnp.float32,
+            key=key,
+        )
+    image_shape = IMAGE_SHAPES[config.dataset]
+    return _CONV_NETS[config.model](image_shape, out_size, activation, key=key)
+
+
+def _has_state(model: PyTree) -> bool:
+    leaves = jax.tree_util.tree_leaves(
+        model, is_leaf=lambda x: isinstance(x, eqx.nn.StateIndex)
+    )
+    return any(isinstance(x, eqx.nn.StateIndex) for x in leaves)
+
+
+def _split_state(model: PyTree, state: Any = None) -> tuple[PyTree, Any]:
+    """The model without its initial state, and the state (`None` without any)."""
+    if not _has_state(model):
+        return model, None
+    if state is None:
+        state = eqx.nn.State(model)
+    # Strongly typed, as a checkpoint restores it (a weakly typed counter, e.g.
+    # batch norm's `jnp.array(0)`, would make the resumed run compile anew).
+    state = jax.tree_util.tree_map(
+        lambda x: jnp.array(x, dtype=x.dtype) if eqx.is_array(x) else x, state
+    )
+    return eqx.nn.delete_init_state(model), state
+
+
+def build_model(config: TrainConfig, key: PRNGKeyArray) -> tuple[Any, Any]:
+    """The backprop network converted to the rule, so that every rule of a seed
+    starts from the same weights and biases (and FA, KP, DFA and frSF from the same
+    draw of feedback, where the shapes agree); and its state (batch norm), or
+    `None`."""
+    init_key, feedback_key = jax.random.split(key)
+    model = _plain_model(config, init_key)
+    _, out_size = io_shapes(config)
+    if config.rule != "bp":
+        image_shape = IMAGE_SHAPES.get(config.dataset)
+        model = convert(
+            model,
+            config.rule,
+            key=feedback_key,
+            feedback_scale=config.feedback_scale,
+            error_features=out_size,
+            input_shape=None if config.model == "mlp" else image_shape,
+        )
+    return _split_state(model)
+
+
+def initial_model(
+    config: TrainConfig, key: PRNGKeyArray, model: Any, state: Any
+) -> tuple[Any, Any]:
+    """The run's initial model and state: built from the configuration with `key`,
+    or the custom model passed (as built, with its feedback)."""
+    if config.model == "custom":
+        return _split_state(model, state)
+    return build_model(config, key)
+
+
+def check_custom(config: TrainConfig, model: Any) -> None:
+    """A model is passed exactly for `model="custom"`, and it uses the rule."""
+    if config.model != "custom":
+        if model is not None:
+            raise ConfigError(
+                "model",
+                f"must be 'custom' to train the model passed, got {config.model!r}.",
+            )
+        return
+    if model is None:
+        raise ConfigError(
+            "model",
+            "'custom' trains a model of your own: pass it to bfx.train(config, "
+            "model=...) (from Python).",
+        )
+    if not linear_layers(model):
+        raise ValueError("the model passed has no linear layers to train.")
+    found = rule_of(model)
+    if found != config.rule and not (config.rule == "dfa" and isinstance(model, DFA)):
+        raise ConfigError(
+            "rule",
+            f"is {config.rule!r}, but the model passed is built with "
+            f"{'mixed rules' if found is None else repr(found)}: convert it with "
+            f"bfx.convert(model, {config.rule!r}, ...) first.",
+        )
+
+
+def image_input(config: TrainConfig, model: Any) -> tuple[int, ...] | None:
+    """The image shape `(C, H, W)` that the model takes, or `None` for flat vectors:
+    the conv nets take images; a custom model does on an image data set if its
+    first linear layer is not dense."""
+    if config.model in _CONV_NETS:
+        return IMAGE_SHAPES[config.dataset]
+    if config.model == "custom" and config.dataset in IMAGE_SHAPES:
+        first = linear_layers(convert(model, "bp"))[0]
+        return (
+            None if isinstance(first, eqx.nn.Linear) else IMAGE_SHAPES[config.dataset]
+        )
+    return None

@@ -1,0 +1,81 @@
+"""The run's optimiser: the learning-rate schedule, the optax transformation, which
+arrays it trains, and the weight mirror's step after it (rule `wm`)."""
+
+import functools
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import optax
+from jaxtyping import PRNGKeyArray, PyTree
+
+from .._mirror import mirror
+from .._optim import decay_mask, freeze_feedback, trainable
+from .._rules import WM
+from ._config import TrainConfig
+
+
+_MOMENTUM = 0.9
+
+
+def schedule(config: TrainConfig) -> optax.Schedule:
+    """The learning rate at each step: warm-up, then constant or cosine decay."""
+    steps = config.steps_per_epoch
+    warmup = config.warmup_epochs * steps
+    if config.schedule == "cosine":
+        main = optax.cosine_decay_schedule(config.lr, config.epochs * steps - warmup)
+    else:
+        main = optax.constant_schedule(config.lr)
+    if warmup == 0:
+        return main
+    ramp = optax.linear_schedule(0.0, config.lr, warmup)
+    return optax.join_schedules([ramp, main], [warmup])
+
+
+def optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """The optimiser of `partition(model)[0]`, with weight decay where set."""
+    lr = schedule(config)
+    if config.optimizer == "adamw":
+        inner = optax.adamw(lr, weight_decay=config.weight_decay, mask=decay_mask)
+    else:
+        if config.optimizer == "adam":
+            inner = optax.adam(lr)
+        else:
+            momentum = _MOMENTUM if config.optimizer == "momentum" else None
+            inner = optax.sgd(lr, momentum=momentum)
+        if config.weight_decay > 0:
+            # Before the learning-rate scale, so Kolen-Pollack's W - B shrinks by
+            # (1 - lr * decay) per step (chained after, it would grow).
+            decay = optax.add_decayed_weights(config.weight_decay, mask=decay_mask)
+            inner = optax.chain(decay, inner)
+    # The trainer optimises `partition(model)`: fixed feedback never reaches the
+    # optimiser, so it needs no freezing, except WM's, which the mirror moves.
+    return freeze_feedback(inner) if config.rule == "wm" else inner
+
+
+def partition(model: PyTree) -> tuple[PyTree, PyTree]:
+    """`eqx.partition(model, trainable(model))`, with WM's feedback on the trained
+    side too: the mirror step changes it inside the epoch's scan."""
+
+    def spec(x):
+        if isinstance(x, WM):
+            return jax.tree_util.tree_map(eqx.is_inexact_array, x)
+        return trainable(x)
+
+    spec = jax.tree_util.tree_map(spec, model, is_leaf=lambda x: isinstance(x, WM))
+    return eqx.partition(model, spec)
+
+
+def mirror_step(
+    config: TrainConfig,
+) -> Callable[[PyTree, PRNGKeyArray], PyTree] | None:
+    """The weight mirror's step with the run's settings, for rule `wm`."""
+    if config.rule != "wm":
+        return None
+    return functools.partial(
+        mirror,
+        lr=config.mirror_lr,
+        noise_std=config.mirror_noise,
+        decay=config.mirror_decay,
+        batch_size=config.mirror_batch,
+    )
