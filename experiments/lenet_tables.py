@@ -64,8 +64,8 @@ AUGMENT = {"mnist": "shift", "fashion_mnist": "shift-flip"}
 # chose (no search of its own: the CPU budget of one session).
 LRS = {"mnist": [1e-3, 3e-3], "fashion_mnist": [3e-3]}
 LR_NOTE = {
-    "fashion_mnist": "the rate that MNIST's validation chose for LR_RULES; no search "
-    "on Fashion-MNIST, for the CPU budget",
+    "fashion_mnist": "the rate that MNIST's validation chose for every rule but the "
+    "weight mirror; no search on Fashion-MNIST, for the CPU budget",
 }
 # The same paper, CIFAR-10, SGD: (LeNet, ResNet-20) top-1 test error (%).
 BIOTORCH_CIFAR = {
