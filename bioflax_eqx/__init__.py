@@ -65,6 +65,7 @@ from .training import (
     compare as compare,
     cross_entropy as cross_entropy,
     load_run as load_run,
+    sigmoid_cross_entropy as sigmoid_cross_entropy,
     squared_error as squared_error,
     train as train,
     train_epoch as train_epoch,

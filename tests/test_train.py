@@ -14,6 +14,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import bioflax_eqx as bfx
@@ -791,3 +792,95 @@ def test_augment_auto_resolves_per_data_set_and_old_runs_load():
     old = bfx.TrainConfig(dataset="cifar10", model="lenet").to_dict()
     for saved, now in [(True, "shift-flip"), (False, "none")]:
         assert bfx.TrainConfig.from_dict({**old, "augment": saved}).augment == now
+
+
+# ------------------------------------------- Akrout et al.'s setting (experiments)
+
+
+def test_loss_choices():
+    assert bfx.TrainConfig().loss == "cross_entropy"  # `auto`, resolved
+    assert bfx.TrainConfig(dataset="sine").loss == "squared_error"
+    changes: list[dict[str, Any]] = [
+        dict(loss="squared_error"),
+        dict(dataset="sine", loss="cross_entropy"),
+    ]
+    for change in changes:
+        with pytest.raises(bfx.ConfigError) as info:
+            bfx.TrainConfig(**change)
+        assert info.value.field == "loss"
+    logits = jnp.array([0.5, -1.0, 2.0], jnp.float32)
+    label = jnp.array(2, jnp.int32)
+    p = jax.nn.sigmoid(logits)
+    expected = -jnp.sum(jnp.log(jnp.where(jnp.arange(3) == 2, p, 1 - p)))
+    np.testing.assert_allclose(bfx.sigmoid_cross_entropy(logits, label), expected, 1e-6)
+
+
+@pytest.mark.parametrize("rule", ["fa", "dfa", "frsf", "usf"])
+def test_akrout_init_draws_every_array_from_the_fans(rule):
+    config = bfx.TrainConfig(**{**SMALL, "width": 400}, rule=rule, init="akrout")
+    model = _build(config)
+    for layer in model.layers:
+        linear = layer.layer
+        fan_out, fan_in = linear.weight.shape
+        std = 1 / math.sqrt(fan_in + fan_out)
+        arrays = [linear.weight, linear.bias]
+        if rule != "usf":
+            arrays.append(getattr(layer, "magnitude", layer.feedback))
+        # DFA's feedback has fans of its own; small arrays give rough estimates.
+        for array in arrays[:2] + arrays[2:] * (rule != "dfa"):
+            if array.size < 400:
+                continue
+            assert float(jnp.std(array)) == pytest.approx(std, rel=0.15)
+    with pytest.raises(bfx.ConfigError, match="akrout is for model mlp"):
+        bfx.TrainConfig(model="lenet", init="akrout")
+
+
+def test_bias_lr_scale_scales_the_biases_updates_only():
+    fields = {**SMALL, "warmup_epochs": 0}
+    config = bfx.TrainConfig(**fields, rule="bp", optimizer="sgd", lr=0.5)
+    model = _build(config)
+    params = eqx.filter(model, bfx.trainable(model))
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    for scale in (1.0, 0.25):
+        scaled = dataclasses.replace(config, bias_lr_scale=scale)
+        transform = _optimizer.optimizer(scaled)
+        updates, _ = transform.update(grads, transform.init(params), params)
+        layer = updates.layers[0]  # pyright: ignore[reportAttributeAccessIssue]
+        np.testing.assert_allclose(layer.weight, -0.5)
+        np.testing.assert_allclose(layer.bias, -0.5 * scale)
+
+
+def test_mirror_steps_before_training_move_only_wm_feedback():
+    config = bfx.TrainConfig(**SMALL, rule="wm", mirror_lr=0.1)
+    before = _build(dataclasses.replace(config, mirror_steps_before=3))
+    plain = _build(config)
+    for a, b in zip(before.layers, plain.layers):
+        np.testing.assert_array_equal(a.weight, b.weight)
+        assert not tree_allclose(a.feedback, b.feedback)
+
+
+def test_an_unshuffled_epoch_takes_the_examples_in_order(getkey):
+    x = jnp.arange(12, dtype=jnp.float32)[:, None]
+    xb, yb = bfx.epoch_batches(None, x, x, 5)
+    np.testing.assert_array_equal(xb.reshape(-1), jnp.arange(10))
+    np.testing.assert_array_equal(yb, xb)
+    # Backprop draws nothing: unshuffled, the epoch is the same whatever its key.
+    model = bfx.MLP(4, 2, 8, 1, rule="bp", dtype=jnp.float32, key=getkey())
+    params, static = eqx.partition(model, bfx.trainable(model))
+    xs = jax.random.normal(getkey(), (40, 4), jnp.float32)
+    ys = jax.random.normal(getkey(), (40, 2), jnp.float32)
+    optimizer = optax.sgd(0.1)
+
+    def loss_fn(model, x, y, key):
+        return jnp.mean(jnp.square(jax.vmap(model)(x) - y)), None
+
+    def epoch(key, shuffle):
+        with jax.numpy_dtype_promotion("standard"):
+            return bfx.train_epoch(
+                params, static, optimizer.init(params), xs, ys, key,
+                optimizer=optimizer, loss_fn=loss_fn, batch_size=8, shuffle=shuffle,
+            )[0]  # fmt: skip
+
+    key1, key2 = getkey(), getkey()
+    assert eqx.tree_equal(epoch(key1, False), epoch(key2, False))
+    assert not tree_allclose(epoch(key1, True), epoch(key2, True))

@@ -13,7 +13,7 @@ from .._checks import check_non_negative_int
 
 @functools.partial(jax.jit, static_argnames="batch_size")
 def epoch_batches(
-    key: PRNGKeyArray,
+    key: PRNGKeyArray | None,
     x: Shaped[Array, " n *xdims"],
     y: Shaped[Array, " n *ydims"],
     batch_size: int,
@@ -27,7 +27,8 @@ def epoch_batches(
 
     **Arguments:**
 
-    - `key`: decides the order.
+    - `key`: decides the order; `None` keeps the examples' own order (the last
+        `n % batch_size` dropped).
     - `x`, `y`: inputs and targets, first axis = examples.
     - `batch_size`: examples per step, in `[1, n]`.
 
@@ -42,10 +43,15 @@ def epoch_batches(
     if not 0 < batch_size <= n:
         raise ValueError(f"batch_size must be in [1, {n}], got {batch_size}")
     steps = n // batch_size
-    idx = jax.random.permutation(key, n)[: steps * batch_size]
-    xb = jnp.take(x, idx, axis=0).reshape(steps, batch_size, *x.shape[1:])
-    yb = jnp.take(y, idx, axis=0).reshape(steps, batch_size, *y.shape[1:])
-    return xb, yb
+    if key is None:
+        xb, yb = x[: steps * batch_size], y[: steps * batch_size]
+    else:
+        idx = jax.random.permutation(key, n)[: steps * batch_size]
+        xb, yb = jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0)
+    return (
+        xb.reshape(steps, batch_size, *x.shape[1:]),
+        yb.reshape(steps, batch_size, *y.shape[1:]),
+    )
 
 
 def _crop_and_flip(

@@ -22,7 +22,11 @@ from ._epoch import (
     train_epoch as train_epoch,
     train_epoch_with_state as train_epoch_with_state,
 )
-from ._losses import cross_entropy as cross_entropy, squared_error as squared_error
+from ._losses import (
+    cross_entropy as cross_entropy,
+    sigmoid_cross_entropy as sigmoid_cross_entropy,
+    squared_error as squared_error,
+)
 from ._records import TrainResult as TrainResult
 from ._run import (
     DivergedError as DivergedError,

@@ -2,6 +2,7 @@
 backprop network converted to the rule) or passed in (`model="custom"`)."""
 
 import contextlib
+import math
 import pathlib
 from typing import Any
 
@@ -14,6 +15,8 @@ from .._convert import convert
 from .._dfa import DFA
 from .._layers import linear_layers, rule_of
 from .._mlp import MLP
+from .._rules import AbstractStoredRule
+from .._sign import FRSF
 from ..data import (
     IMAGE_SHAPES,
     IMAGE_SIZES,
@@ -25,6 +28,7 @@ from ..data import (
 )
 from ..models import lenet, resnet20, vgg
 from ._config import ACTIVATIONS, TEACHER, ConfigError, TrainConfig, io_shapes
+from ._optimizer import mirror_step
 
 
 _CONV_NETS = {"lenet": lenet, "vgg": vgg, "resnet20": resnet20}
@@ -86,6 +90,60 @@ def _plain_model(config: TrainConfig, key: PRNGKeyArray) -> Any:
     return _CONV_NETS[config.model](image_shape, out_size, activation, key=key)
 
 
+def _linear(layer: Any) -> eqx.nn.Linear:
+    return layer if isinstance(layer, eqx.nn.Linear) else layer.layer
+
+
+def _drawn(layer: Any) -> list[Any]:
+    """The arrays of one MLP layer that Akrout et al.'s code draws: the weight, the
+    bias, and the random feedback of FA, KP, WM, frSF and DFA (or what stands in
+    their place: `eqx.tree_at` calls it on placeholders)."""
+    drawn = [_linear(layer).weight, _linear(layer).bias]
+    if isinstance(layer, DFA | AbstractStoredRule):
+        drawn.append(layer.feedback)
+    elif isinstance(layer, FRSF):
+        drawn.append(layer.magnitude)
+    return drawn
+
+
+def _akrout_init(model: MLP, key: PRNGKeyArray) -> MLP:
+    """`model` with every array of `_drawn` from `N(0, 1/(fan_in + fan_out))`, as
+    Akrout et al.'s code initialises: the layer's fans, or for DFA's feedback (from
+    the output error to the layer) the output size and the layer's. uSF's and
+    brSF's scales stay the library's."""
+    values = []
+    for layer, layer_key in zip(model.layers, jax.random.split(key, len(model.layers))):
+        fan_out, fan_in = _linear(layer).weight.shape
+        drawn = _drawn(layer)
+        for i, (array, k) in enumerate(zip(drawn, jax.random.split(layer_key, 3))):
+            fans = fan_in + fan_out
+            if isinstance(layer, DFA) and i == 2:
+                fans = array.shape[-1] + math.prod(array.shape[:-1])
+            values.append(
+                jax.random.normal(k, array.shape, array.dtype) / math.sqrt(fans)
+            )
+
+    def where(m: MLP) -> list[Any]:
+        return [a for layer in m.layers for a in _drawn(layer)]
+
+    return eqx.tree_at(where, model, values)
+
+
+@eqx.filter_jit
+def _mirrored(model: Any, key: PRNGKeyArray, steps: int, config: TrainConfig) -> Any:
+    """`model` after `steps` weight-mirror steps (the run's), in one scan."""
+    step = mirror_step(config)
+    assert step is not None  # rule `wm`
+    arrays, static = eqx.partition(model, eqx.is_array)
+
+    def body(arrays, key):
+        mirrored = step(eqx.combine(arrays, static), key)
+        return eqx.filter(mirrored, eqx.is_array), None
+
+    arrays, _ = jax.lax.scan(body, arrays, jax.random.split(key, steps))
+    return eqx.combine(arrays, static)
+
+
 def _has_state(model: PyTree) -> bool:
     leaves = jax.tree_util.tree_leaves(
         model, is_leaf=lambda x: isinstance(x, eqx.nn.StateIndex)
@@ -110,8 +168,9 @@ def _split_state(model: PyTree, state: Any = None) -> tuple[PyTree, Any]:
 def build_model(config: TrainConfig, key: PRNGKeyArray) -> tuple[Any, Any]:
     """The backprop network converted to the rule, so that every rule of a seed
     starts from the same weights and biases (and FA, KP, DFA and frSF from the same
-    draw of feedback, where the shapes agree); and its state (batch norm), or
-    `None`."""
+    draw of feedback, where the shapes agree), initialised as `config.init` says
+    and for WM mirrored `config.mirror_steps_before` times; and its state (batch
+    norm), or `None`."""
     init_key, feedback_key = jax.random.split(key)
     model = _plain_model(config, init_key)
     _, out_size = io_shapes(config)
@@ -125,6 +184,12 @@ def build_model(config: TrainConfig, key: PRNGKeyArray) -> tuple[Any, Any]:
             error_features=out_size,
             input_shape=None if config.model == "mlp" else image_shape,
         )
+    # Keys of their own, so that the default runs keep theirs.
+    if config.init == "akrout":
+        model = _akrout_init(model, jax.random.fold_in(key, 1))
+    if config.rule == "wm" and config.mirror_steps_before > 0:
+        mirror_key = jax.random.fold_in(key, 2)
+        model = _mirrored(model, mirror_key, config.mirror_steps_before, config)
     return _split_state(model)
 
 

@@ -130,6 +130,7 @@ def train_epoch(params, state, opt_state, x, y, key, static, setup: Setup):
         after_step=mirror_step(setup.config),
         mesh=setup.mesh,
         conv_path=setup.config.conv_path,  # pyright: ignore[reportArgumentType]
+        shuffle=setup.config.shuffle,
     )
     finite = jnp.all(jnp.isfinite(losses)) & _all_finite(params)
     return params, state, opt_state, jnp.mean(losses), jnp.mean(acc), finite

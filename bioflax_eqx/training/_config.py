@@ -35,6 +35,9 @@ MODELS: tuple[str, ...] = ("mlp", "lenet", "vgg", "resnet20", "custom")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 AUGMENTS: tuple[str, ...] = ("auto", "none", "shift", "shift-flip")
+# Per-example losses; `auto` is cross-entropy for classification, else squared error.
+LOSSES: tuple[str, ...] = ("cross_entropy", "sigmoid_cross_entropy", "squared_error")
+INITS: tuple[str, ...] = ("default", "akrout")
 ACTIVATIONS: dict[str, Callable] = {
     "relu": jax.nn.relu,
     "tanh": jnp.tanh,
@@ -159,8 +162,19 @@ class TrainConfig:
         `auto` (the default), which becomes the model's own: `tanh` for `lenet`
         (LeNet-5's squashing units, LeCun et al. 1998; with them FA and DFA pass
         95% on MNIST after one epoch, with ReLU they do not), `relu` otherwise.
+    - `loss`: per example, averaged over the batch: `cross_entropy` (softmax),
+        `sigmoid_cross_entropy` (a sigmoid binary cross-entropy of every output unit
+        against the one-hot label, summed over the units, as Akrout et al. 2019
+        train), `squared_error`, or `auto` (the default), which becomes
+        `cross_entropy` for classification and `squared_error` for regression.
+    - `init`: `default` (Equinox's initialisation, the library's feedback) or
+        `akrout` (`mlp` only: every weight, bias and random feedback array drawn
+        from `N(0, 1/(fan_in + fan_out))`, as Akrout et al.'s code does; DFA's
+        feedback with the output size as its fan-in).
     - `optimizer`: `sgd`, `momentum` (SGD with momentum 0.9), `adam` or `adamw`.
     - `lr`: peak learning rate, > 0.
+    - `bias_lr_scale`: the biases' updates are scaled by this (> 0), e.g. `1/128`
+        for Akrout et al.'s biases, which learn at `lr / batch_size`.
     - `schedule`: `constant`, or `cosine` decay to 0 over the run.
     - `warmup_epochs`: linear warm-up from 0 over this many epochs first.
     - `weight_decay`: in `[0, 1)`, on weight matrices and Kolen-Pollack's feedback
@@ -169,6 +183,8 @@ class TrainConfig:
         decoupled for `adamw`.
     - `batch_size`: examples per step; the last incomplete batch of each epoch is
         dropped.
+    - `shuffle`: draw a new order of the training examples every epoch (seeded);
+        `False` takes them in file order every epoch.
     - `devices`: devices to train on, data-parallel (see the Many devices page):
         each batch is split evenly over this many local devices (of every process
         in a multi-host run), so `batch_size` must be a multiple of it; the
@@ -182,6 +198,8 @@ class TrainConfig:
         optimiser step inside the epoch: learning rate $\\eta_B > 0$, noise scale
         $\\sigma > 0$, decay $\\lambda_B \\ge 0$ and noise vectors per layer and step.
         The defaults make `B` track `W` with a time constant of 200 steps.
+        `mirror_steps_before`: mirror steps before training (Akrout et al. run one
+        epoch's worth, 468).
     - `metrics_batch`: examples of the fixed batch (the first of the validation
         split, or of the training split without one) for the alignment metrics.
     - `conv_path`: how the compiled epochs and evaluations compute the model's
@@ -211,12 +229,20 @@ class TrainConfig:
         "hidden activation; auto: tanh for lenet, relu otherwise",
         ("auto", *ACTIVATIONS),
     )
+    loss: str = _field(
+        "auto",
+        "per-example loss; auto: cross_entropy (classification), squared_error",
+        ("auto", *LOSSES),
+    )
+    init: str = _field("default", "initialisation (akrout: mlp only)", INITS)
     optimizer: str = _field("adam", "optimiser", OPTIMIZERS)
     lr: float = _field(1e-3, "peak learning rate")
+    bias_lr_scale: float = _field(1.0, "factor of the biases' updates")
     schedule: str = _field("constant", "learning-rate schedule", SCHEDULES)
     warmup_epochs: int = _field(0, "linear warm-up epochs")
     weight_decay: float = _field(0.0, "weight decay, in [0, 1)")
     batch_size: int = _field(64, "examples per step")
+    shuffle: bool = _field(True, "a new order of the training set every epoch")
     devices: int = _field(1, "devices to split each batch over (data parallel)")
     epochs: int = _field(10, "epochs to train")
     seed: int = _field(0, "seed of every random choice")
@@ -225,6 +251,7 @@ class TrainConfig:
     mirror_noise: float = _field(1.0, "weight mirror noise scale (wm)")
     mirror_decay: float = _field(1.0, "weight mirror decay of B (wm)")
     mirror_batch: int = _field(256, "weight mirror noise vectors (wm)")
+    mirror_steps_before: int = _field(0, "weight mirror steps before training (wm)")
     metrics_batch: int = _field(1000, "examples for alignment metrics")
     conv_path: str = _field(
         "auto", "how convolutions are computed (auto: im2col on CPU)", CONV_PATHS
@@ -240,6 +267,9 @@ class TrainConfig:
         if self.augment == "auto" or self.dataset not in IMAGE_SIZES:
             own = "shift-flip" if self.dataset == "cifar10" else "none"
             object.__setattr__(self, "augment", own)
+        if self.loss == "auto":
+            own = "cross_entropy" if self.classification else "squared_error"
+            object.__setattr__(self, "loss", own)
         self._check_numbers()
         self._check_data()
         self._check_batch()
@@ -284,12 +314,14 @@ class TrainConfig:
             depth=self.depth,
             warmup_epochs=self.warmup_epochs,
             seed=self.seed,
+            mirror_steps_before=self.mirror_steps_before,
         )
         check_positive_number(
             lr=self.lr,
             mirror_lr=self.mirror_lr,
             mirror_noise=self.mirror_noise,
             feedback_scale=self.feedback_scale,
+            bias_lr_scale=self.bias_lr_scale,
         )
         check_non_negative_number(mirror_decay=self.mirror_decay)
 
@@ -303,6 +335,13 @@ class TrainConfig:
             )
         if self.limit is not None and self.dataset not in IMAGE_SIZES:
             raise ConfigError("limit", f"applies to {images} only; use n_train.")
+        if (self.loss == "squared_error") == self.classification:
+            task = "classification" if self.classification else "regression"
+            raise ConfigError(
+                "loss", f"{self.loss} does not fit {task} ({self.dataset})."
+            )
+        if self.init == "akrout" and self.model != "mlp":
+            raise ConfigError("init", f"akrout is for model mlp, got {self.model!r}.")
         if self.dataset in IMAGE_SIZES:
             available = self.split_sizes[0] + self.val_size
             if self.val_size >= available:

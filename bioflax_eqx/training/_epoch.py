@@ -35,6 +35,7 @@ def train_epoch(
     after_step: Callable[[PyTree, PRNGKeyArray], PyTree] | None = None,
     mesh: Mesh | None = None,
     conv_path: ConvPath = "auto",
+    shuffle: bool = True,
 ) -> tuple[PyTree, PyTree, Float[Array, " steps"], PyTree]:
     """One epoch of training: shuffles `(x, y)` on device
     ([`bioflax_eqx.epoch_batches`][]), then runs one optimiser step per minibatch in
@@ -102,6 +103,8 @@ def train_epoch(
         times slower inside the epoch's loop, `"xla"` elsewhere. Either way the
         same function and gradients (up to the order of float sums); the model
         you pass and get back keeps its `eqx.nn.Conv` layers.
+    - `shuffle`: `False` takes the examples in their own order every epoch (the
+        key still gives each step its key), as some published protocols do.
 
     **Returns:**
 
@@ -128,6 +131,7 @@ def train_epoch(
         after_step=after_step,
         mesh=mesh,
         conv_path=conv_path,
+        shuffle=shuffle,
     )
     return params, opt_state, losses, aux
 
@@ -150,6 +154,7 @@ def train_epoch_with_state(
     after_step: Callable[[PyTree, PRNGKeyArray], PyTree] | None = None,
     mesh: Mesh | None = None,
     conv_path: ConvPath = "auto",
+    shuffle: bool = True,
 ) -> tuple[PyTree, PyTree, PyTree, Float[Array, " steps"], PyTree]:
     """[`bioflax_eqx.train_epoch`][] for models with state that is not trained but
     updated by every step, e.g. the running statistics of `eqx.nn.BatchNorm` in an
@@ -202,6 +207,7 @@ def train_epoch_with_state(
         after_step=after_step,
         mesh=mesh,
         conv_path=conv_path,
+        shuffle=shuffle,
     )
 
 
@@ -220,6 +226,7 @@ def _epoch(
     after_step,
     mesh,
     conv_path,
+    shuffle,
 ):
     split, replicate = _constraints(mesh, batch_size)
     # The same arrays in the same order either way, so the gradients with respect
@@ -255,7 +262,7 @@ def _epoch(
         return replicate((params, state, opt_state)), (value, aux)
 
     shuffle_key, step_key = jax.random.split(key)
-    xb, yb = epoch_batches(shuffle_key, x, y, batch_size)
+    xb, yb = epoch_batches(shuffle_key if shuffle else None, x, y, batch_size)
     # The shuffled epoch split along the batch axis too: each device gathers only
     # its part of every minibatch from its copy of the data.
     xb, yb = split(xb, 1), split(yb, 1)

@@ -5,6 +5,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 from jaxtyping import Array, Float, Int
 
 from ._config import TrainConfig
@@ -27,6 +28,26 @@ def cross_entropy(
     return jax.nn.logsumexp(logits) - logits[label]
 
 
+def sigmoid_cross_entropy(
+    logits: Float[Array, " classes"], label: Int[Array, ""]
+) -> Float[Array, ""]:
+    """The sigmoid binary cross-entropy of every output unit against the one-hot
+    label, summed over the units: Akrout et al. (2019)'s loss, whose output error
+    is `sigmoid(logits) - onehot(label)` (no softmax).
+
+    **Arguments:**
+
+    - `logits`: the model's outputs (before the sigmoid), one per class.
+    - `label`: the index of the true class.
+
+    **Returns:**
+
+    The sum over the units of their binary cross-entropies, a scalar.
+    """
+    target = jax.nn.one_hot(label, logits.shape[-1], dtype=logits.dtype)
+    return jnp.sum(optax.sigmoid_binary_cross_entropy(logits, target))
+
+
 def squared_error(
     output: Float[Array, " outputs"], target: Float[Array, " outputs"]
 ) -> Float[Array, ""]:
@@ -44,9 +65,16 @@ def squared_error(
     return jnp.mean(jnp.square(output - target))
 
 
+LOSS_FUNCTIONS: dict[str, Callable[[Array, Array], Array]] = {
+    "cross_entropy": cross_entropy,
+    "sigmoid_cross_entropy": sigmoid_cross_entropy,
+    "squared_error": squared_error,
+}
+
+
 def loss_for(config: TrainConfig) -> Callable[[Array, Array], Array]:
-    """The per-example loss of the configuration's task."""
-    return cross_entropy if config.classification else squared_error
+    """The configuration's per-example loss."""
+    return LOSS_FUNCTIONS[config.loss]
 
 
 def hits(outputs: Array, labels: Array) -> Float[Array, " batch"]:

@@ -32,8 +32,19 @@ def schedule(config: TrainConfig) -> optax.Schedule:
     return optax.join_schedules([ramp, main], [warmup])
 
 
+def _is_bias(params: PyTree) -> PyTree:
+    """`True` at the arrays named `bias` (of any layer), `False` elsewhere."""
+
+    def is_bias(path, _):
+        last = path[-1]
+        return isinstance(last, jax.tree_util.GetAttrKey) and last.name == "bias"
+
+    return jax.tree_util.tree_map_with_path(is_bias, params)
+
+
 def optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """The optimiser of `partition(model)[0]`, with weight decay where set."""
+    """The optimiser of `partition(model)[0]`, with weight decay where set and the
+    biases' updates scaled by `bias_lr_scale`."""
     lr = schedule(config)
     if config.optimizer == "adamw":
         inner = optax.adamw(lr, weight_decay=config.weight_decay, mask=decay_mask)
@@ -48,6 +59,9 @@ def optimizer(config: TrainConfig) -> optax.GradientTransformation:
             # (1 - lr * decay) per step (chained after, it would grow).
             decay = optax.add_decayed_weights(config.weight_decay, mask=decay_mask)
             inner = optax.chain(decay, inner)
+    if config.bias_lr_scale != 1:
+        bias_scale = optax.scale(config.bias_lr_scale)
+        inner = optax.chain(optax.masked(bias_scale, _is_bias), inner)
     # The trainer optimises `partition(model)`: fixed feedback never reaches the
     # optimiser, so it needs no freezing, except WM's, which the mirror moves.
     return freeze_feedback(inner) if config.rule == "wm" else inner
