@@ -44,9 +44,12 @@ from .data import (
     DataNotFoundError as DataNotFoundError,
     Dataset as Dataset,
     Split as Split,
+    TextCorpus as TextCorpus,
     augment_images as augment_images,
     epoch_batches as epoch_batches,
+    epoch_windows as epoch_windows,
     load_dataset as load_dataset,
+    load_text as load_text,
     sine as sine,
     teacher_student as teacher_student,
 )
