@@ -88,7 +88,7 @@ def test_epoch_windows(getkey):
     n, context, batch = 103, 4, 5
     tokens = jax.numpy.arange(n, dtype=np.int32)  # id = position: windows read off
     windows = (n - context) // context  # 24
-    size_before = bfx.epoch_windows._cache_size()  # pyright: ignore[reportFunctionMemberAccess]
+    size_before = bfx.epoch_windows._cache_size()  # pyright: ignore[reportAttributeAccessIssue]
     key = getkey()
     inputs, targets = bfx.epoch_windows(key, tokens, context, batch)
     steps = windows // batch
@@ -109,7 +109,7 @@ def test_epoch_windows(getkey):
     other, _ = bfx.epoch_windows(getkey(), tokens, context, batch)
     assert not np.array_equal(other, inputs)
     # Compiled once for every key.
-    assert bfx.epoch_windows._cache_size() == size_before + 1  # pyright: ignore[reportFunctionMemberAccess]
+    assert bfx.epoch_windows._cache_size() == size_before + 1  # pyright: ignore[reportAttributeAccessIssue]
     with pytest.raises(ValueError, match="fewer than `batch_size`"):
         bfx.epoch_windows(key, tokens, context, 25)
 
