@@ -10,6 +10,7 @@ CORE = (
     "_rules",
     "_feedback",
     "_dfa",
+    "_channel",
     "_convert",
     "_mlp",
     "_optim",
