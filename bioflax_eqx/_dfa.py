@@ -128,7 +128,10 @@ class DFAFeedback(AbstractFeedback):
         `(h, channel)`, unchanged.
         """
         check_point("DFAFeedback", self.feedback, h, channel)
-        return direct_feedback(h, channel, self.feedback)
+        h, channel = direct_feedback(h, channel, self.feedback)
+        # What later layers would send back to `h` is discarded: with no cotangent
+        # asked of it, it is never computed (no backward through their inputs).
+        return lax.stop_gradient(h), channel
 
 
 def _is_stateful(layer: object) -> bool:
