@@ -15,7 +15,16 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 def scripts():
     """The benchmark modules, imported as the scripts import each other (their
     folder on `sys.path`)."""
-    names = ("_timing", "_torch", "mlp", "conv_ops", "conv", "devices", "run_all")
+    names = (
+        "_timing",
+        "_torch",
+        "mlp",
+        "conv_ops",
+        "conv",
+        "devices",
+        "run_all",
+        "transformer",
+    )
     sys.path.insert(0, str(BENCHMARKS))
     try:
         yield {name: importlib.import_module(name) for name in names}
@@ -100,3 +109,14 @@ def test_flop_count(scripts):
     # DFA's hidden layers read the 10 outputs' error instead of the next layer's.
     direct = 1024 * 10 + 1024 * 10
     assert mlp.matmul_flops("dfa", sizes, batch) == 2 * batch * (2 * layers + direct)
+
+
+def test_transformer_smoke_run(scripts, tmp_path):
+    out = tmp_path / "transformer.md"
+    scripts["transformer"].main(["--smoke", "--out", str(out)])
+    text = out.read_text()
+    assert "## Transformer (smoke run)" in text
+    assert "| bp | " in text and "| 1.00× |" in text
+    for rule in ("fa", "dfa-macro"):
+        assert f"| {rule} | " in text
+    assert "| dfa-macro step ≤ 0.90× BP, Transformer" in text
