@@ -7,6 +7,8 @@ Float64, tiny sizes, a batch of sequences under `jax.vmap`; loss = the summed
 cross-entropy of every next-token prediction, so `e = softmax(y) - onehot(t)` per
 token."""
 
+import re
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -228,6 +230,29 @@ def test_dfa_gradients_equal_the_equations(placement, getkey, rng):
     bp = _grad(model.with_dfa(None), tokens, targets)
     _close(bp.head, head)
     assert not np.allclose(bp.blocks[0].up.weight, grads.blocks[0].up.weight)
+
+
+def _count_dots(model) -> int:
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    x = jnp.zeros((BATCH, CONTEXT), int)
+
+    def grad(params, x):
+        return jax.grad(lambda p: _loss(eqx.combine(p, static), x, x))(params)
+
+    text = jax.jit(grad).lower(params, x).compile().as_text()
+    assert text is not None
+    return len(re.findall(r"\bdot\(", text))
+
+
+def test_dfa_costs_backprops_products_and_one_per_point(getkey):
+    # No discarded cotangent is computed (no product beyond backprop's but the
+    # points' `e Bᵀ`), and none is saved: every block opens with a LayerNorm, whose
+    # parameters learn from the cotangent through the q/k/v projections.
+    model = _model(getkey())
+    bp = _count_dots(model)
+    for placement, points in (("macro", DEPTH), ("micro", 2 * DEPTH)):
+        dfa = model.with_dfa(placement, key=getkey())
+        assert _count_dots(dfa) == bp + points
 
 
 def test_per_token_channel_in_a_hand_written_model(getkey, rng):
