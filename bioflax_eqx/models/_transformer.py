@@ -133,7 +133,14 @@ class Transformer(AbstractDFAModel):
     the embedding and positions, before the first point, learn from what the first
     block (macro) or attention sub-layer (micro) sends back to its input. Convert
     an existing model with `bfx.convert(model, "dfa", key=..., placement=...)` or
-    `model.with_dfa(placement, key=...)`.
+    `model.with_dfa(placement, key=...)`:
+
+    ```python
+    model = bfx.Transformer(vocab_size=85, key=jax.random.key(0))  # 4 × 128, 4 heads
+    fa = bfx.convert(model, "fa", key=jax.random.key(1))
+    dfa = bfx.convert(model, "dfa", key=jax.random.key(1), placement="micro")
+    logits = jax.vmap(dfa)(tokens)  # tokens: (batch, seq ≤ 128) ids
+    ```
     """
 
     embedding: eqx.nn.Embedding
