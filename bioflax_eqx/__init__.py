@@ -48,6 +48,7 @@ from .data import (
     augment_images as augment_images,
     epoch_batches as epoch_batches,
     epoch_windows as epoch_windows,
+    eval_windows as eval_windows,
     load_dataset as load_dataset,
     load_text as load_text,
     sine as sine,

@@ -1,6 +1,7 @@
 """The character-level corpus reader: the contiguous split, the vocabulary of the
 training split with one unknown symbol, reading a folder of `*.txt`, and epochs of
-random windows (one pass, shifted targets, seeded, compiled once)."""
+random windows (one pass, shifted targets, seeded, compiled once), and evaluation
+windows that predict every character once."""
 
 import pathlib
 
@@ -112,6 +113,23 @@ def test_epoch_windows(getkey):
     assert bfx.epoch_windows._cache_size() == size_before + 1  # pyright: ignore[reportAttributeAccessIssue]
     with pytest.raises(ValueError, match="fewer than `batch_size`"):
         bfx.epoch_windows(key, tokens, context, 25)
+
+
+@pytest.mark.parametrize("n", [5, 101, 103])
+def test_eval_windows_predict_every_character_once(n):
+    context = 4
+    tokens = jax.numpy.arange(n, dtype=np.int32)
+    inputs, targets, counted = bfx.eval_windows(tokens, context)
+    windows = -(-(n - 1) // context)
+    assert inputs.shape == targets.shape == counted.shape == (windows, context)
+    np.testing.assert_array_equal(targets, np.asarray(inputs) + 1)
+    # The counted targets are tokens[1:], each exactly once.
+    np.testing.assert_array_equal(
+        np.sort(np.asarray(targets)[np.asarray(counted)]), np.arange(1, n)
+    )
+    assert int(np.asarray(targets).max()) == n - 1
+    with pytest.raises(ValueError, match="shorter than one window"):
+        bfx.eval_windows(tokens[:context], context)
 
 
 @pytest.mark.skipif(not SHAKESPEARE.is_dir(), reason="no shared Shakespeare corpus")

@@ -23,5 +23,6 @@ from ._synthetic import sine as sine, teacher_student as teacher_student
 from ._text import (
     TextCorpus as TextCorpus,
     epoch_windows as epoch_windows,
+    eval_windows as eval_windows,
     load_text as load_text,
 )

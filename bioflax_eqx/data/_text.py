@@ -10,7 +10,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Int, PRNGKeyArray
 
 from .._checks import check_positive_int
 from ._dataset import DataNotFoundError
@@ -200,3 +200,45 @@ def epoch_windows(
     window = jnp.take(tokens, starts[:, None] + jnp.arange(context + 1)[None, :])
     window = window.reshape(steps, batch_size, context + 1)
     return window[..., :-1], window[..., 1:]
+
+
+@functools.partial(jax.jit, static_argnames="context")
+def eval_windows(
+    tokens: Int[Array, " n"], context: int
+) -> tuple[
+    Int[Array, "windows context"],
+    Int[Array, "windows context"],
+    Bool[Array, "windows context"],
+]:
+    """A whole text as windows that predict each of its characters once, for
+    evaluation (bits per character over a split).
+
+    Windows of `context + 1` characters start at `0, context, 2·context, ...`; the
+    last one ends at the text's end, and `counted` marks, in it, only the
+    positions that no earlier window predicts. So the targets where `counted` is
+    true are `tokens[1:]`, each once: the mean cross-entropy over them, divided by
+    `ln 2`, is the text's bits per character.
+
+    **Arguments:**
+
+    - `tokens`: the text's ids (e.g. `corpus.test`), at least `context + 1`.
+    - `context`: the model's sequence length.
+
+    **Returns:**
+
+    `(inputs, targets, counted)`, each of shape `(windows, context)`.
+    """
+    check_positive_int(context=context)
+    n = tokens.shape[0]
+    if n < context + 1:
+        raise ValueError(
+            f"a text of {n} ids is shorter than one window of {context + 1}."
+        )
+    windows = -(-(n - 1) // context)  # ceil: the last window ends at the text's end
+    starts = jnp.minimum(context * jnp.arange(windows), n - context - 1)
+    window = jnp.take(tokens, starts[:, None] + jnp.arange(context + 1)[None, :])
+    # Position j of window i predicts character starts[i] + j + 1; the last window
+    # overlaps the one before it, whose predictions end at `context · (windows - 1)`.
+    predicted = starts[:, None] + jnp.arange(1, context + 1)[None, :]
+    first_new = context * jnp.arange(windows)[:, None] + 1
+    return window[:, :-1], window[:, 1:], predicted >= first_new
