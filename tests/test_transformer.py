@@ -255,6 +255,27 @@ def test_dfa_costs_backprops_products_and_one_per_point(getkey):
         assert _count_dots(dfa) == bp + points
 
 
+@pytest.mark.parametrize("rule", ["fa", "dfa"])
+def test_alignment_metrics_of_every_linear_map(rule, getkey, rng):
+    model = bfx.convert(
+        _model(getkey()),
+        rule,
+        key=getkey(),
+        placement="macro" if rule == "dfa" else None,
+    )
+    tokens, targets = _tokens(rng)
+
+    def loss(y, t):
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(y, t))
+
+    metrics = bfx.alignment_metrics(model, tokens, targets, loss)
+    angles = [metrics[f"delta_angle/{i}"] for i in range(6 * DEPTH + 1)]
+    assert all(np.isfinite(float(a)) for a in angles)
+    # The output projection's error signal is e under every rule: no angle.
+    np.testing.assert_allclose(angles[-1], 0.0, atol=1e-5)
+    assert float(angles[0]) > 1.0  # the first block's, degrees away from backprop's
+
+
 def test_per_token_channel_in_a_hand_written_model(getkey, rng):
     # A point after a (seq, width) activation with a (seq, vocab) channel sends
     # e Bᵀ; a point whose B covers the whole (seq, width) needs a per-example
