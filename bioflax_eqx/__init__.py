@@ -1,14 +1,12 @@
 """Equinox layers for learning without weight transport."""
 
 from ._block_pool import BlockMaxPool as BlockMaxPool
-from ._convert import convert as convert
-from ._dfa import (
-    DFA as DFA,
-    DFAFeedback as DFAFeedback,
-    Sequential as Sequential,
+from ._channel import (
     close_error_channel as close_error_channel,
     open_error_channel as open_error_channel,
 )
+from ._convert import AbstractDFAModel as AbstractDFAModel, convert as convert
+from ._dfa import DFA as DFA, DFAFeedback as DFAFeedback, Sequential as Sequential
 from ._im2col import Im2colConv as Im2colConv, conv_im2col as conv_im2col
 from ._lowering import (
     choose_conv_path as choose_conv_path,
@@ -44,14 +42,19 @@ from .data import (
     DataNotFoundError as DataNotFoundError,
     Dataset as Dataset,
     Split as Split,
+    TextCorpus as TextCorpus,
     augment_images as augment_images,
     epoch_batches as epoch_batches,
+    epoch_windows as epoch_windows,
+    eval_windows as eval_windows,
     load_dataset as load_dataset,
+    load_text as load_text,
     sine as sine,
     teacher_student as teacher_student,
 )
 from .models import (
     ResidualBlock as ResidualBlock,
+    Transformer as Transformer,
     lenet as lenet,
     resnet20 as resnet20,
     vgg as vgg,

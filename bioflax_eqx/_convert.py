@@ -1,3 +1,4 @@
+import abc
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -13,6 +14,27 @@ from ._rules import AbstractRule
 
 
 _Model = TypeVar("_Model")
+
+
+class AbstractDFAModel(eqx.Module):
+    """A model that places its own DFA feedback points and threads the error channel
+    in its `__call__` (e.g. [`bioflax_eqx.Transformer`][]).
+
+    [`bioflax_eqx.convert`][] calls `with_dfa(None)` on it before converting it to
+    any rule, so that no point is left to cut the chain, and `with_dfa(placement,
+    key=..., feedback_scale=...)` to convert it to `"dfa"`.
+    """
+
+    @abc.abstractmethod
+    def with_dfa(
+        self,
+        placement: str | None,
+        *,
+        key: PRNGKeyArray | None = None,
+        feedback_scale: float = 1.0,
+    ) -> "AbstractDFAModel":
+        """This model with fresh DFA points at `placement` (a name the model
+        defines), or with none for `placement=None`; every other parameter kept."""
 
 
 def _is_wrapper(x: object) -> bool:
@@ -152,6 +174,7 @@ def convert(
     feedback_scale: float = 1.0,
     error_features: int | None = None,
     input_shape: Sequence[int] | None = None,
+    placement: str | None = None,
 ) -> _Model:
     """A copy of any Equinox model with every linear layer trained by `rule`.
 
@@ -169,7 +192,8 @@ def convert(
     linear layers (Launay et al.'s macro placement), are wrapped in
     [`bioflax_eqx.DFA`][]; an `eqx.nn.MLP` becomes a [`bioflax_eqx.MLP`][]. Pass
     `error_features` (the output size) and, if the model has convolutions,
-    `input_shape`.
+    `input_shape`. A [`bioflax_eqx.AbstractDFAModel`][] (the
+    [`bioflax_eqx.Transformer`][]) places its own points: pass `placement` instead.
 
     **Arguments:**
 
@@ -180,6 +204,8 @@ def convert(
     - `error_features`: the network output size, for `rule="dfa"` only.
     - `input_shape`: one example's input shape, for `rule="dfa"` on models whose
         first layers are not dense (it sizes each layer's feedback).
+    - `placement`: for `rule="dfa"` on an [`bioflax_eqx.AbstractDFAModel`][]
+        only: where its points go (`"macro"` or `"micro"` for the Transformer).
 
     **Returns:**
 
@@ -198,7 +224,23 @@ def convert(
         if rule not in ("bp", "usf"):
             raise ValueError(f"converting to rule {rule!r} needs `key=`.")
         key = jax.random.key(0)  # unused: these rules draw nothing
-    plain = unwrap(model)
+    if placement is not None and rule != "dfa":
+        raise ValueError(f"`placement=` is for rule 'dfa', not {rule!r}.")
+    plain: Any = unwrap(model)
+    if isinstance(plain, AbstractDFAModel):
+        plain = plain.with_dfa(None)
+        if rule == "dfa":
+            if placement is None:
+                raise ValueError(
+                    f"converting a {type(plain).__name__} to 'dfa' needs "
+                    "`placement=` (where its feedback points go)."
+                )
+            return plain.with_dfa(placement, key=key, feedback_scale=feedback_scale)
+    elif placement is not None:
+        raise ValueError(
+            "`placement=` is for models that place their own DFA points "
+            f"(`bfx.AbstractDFAModel`), not a {type(model).__name__}."
+        )
     if rule == "bp":
         return plain
     next_key = _keys(key)

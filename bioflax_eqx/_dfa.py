@@ -1,11 +1,11 @@
-"""Direct Feedback Alignment: an error channel from the network's output to every
-feedback point, in any Equinox model.
+"""Direct Feedback Alignment: feedback points and layers that read the network's
+output error from the error channel (see `_channel.py`), in any Equinox model.
 
-The channel is a zero vector threaded through the forward pass next to the
-activations. It changes nothing going forward; going backward, `close_error_channel`
-puts the network's output error `e` on it, and every feedback point reads `e` from it
-and sends `B e` to its activation. [`bioflax_eqx.Sequential`][] threads it for you;
-in a model of your own, write
+The channel is zeros threaded through the forward pass next to the activations. It
+changes nothing going forward; going backward, `close_error_channel` puts the
+network's output error `e` on it, and every feedback point reads `e` from it and
+sends `B e` to its activation. [`bioflax_eqx.Sequential`][] threads it for you; in a
+model of your own, write
 
 ```python
 def __call__(self, x):
@@ -15,22 +15,30 @@ def __call__(self, x):
     y, channel = self.layer2(jax.nn.relu(h), channel)
     return bfx.close_error_channel(y, channel)
 ```
+
+A sequence model opens a per-token channel, `bfx.open_error_channel(tokens, (context,
+vocab))`, and its points hold `B` of shape `(width, vocab)` for activations of shape
+`(context, width)` (see [`bioflax_eqx.Transformer`][]).
 """
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 from equinox.nn import State, StatefulLayer
 from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._checks import check_positive_int, check_positive_number
-from ._feedback import close, direct_feedback, open_channel
-from ._misc import default_floating_dtype, uniform
+from ._channel import (
+    as_shape,
+    check_point,
+    close_error_channel,
+    init_feedback,
+    open_error_channel,
+)
+from ._feedback import direct_feedback
+from ._misc import default_floating_dtype
 from ._rules import AbstractFeedback, AbstractWrapper
 
 
@@ -38,91 +46,6 @@ _Layer = TypeVar("_Layer", bound=Callable)
 
 # A marker for "no state passed" (as `eqx.nn.Sequential` has).
 _sentinel: Any = object()
-
-
-def open_error_channel(
-    x: Array, error_features: int, dtype=None
-) -> Float[Array, " error_features"]:
-    """Open the error channel at the start of a model's per-example `__call__`.
-
-    **Arguments:**
-
-    - `x`: the model's input (one example). The channel is made to depend on it so
-        that under `jax.vmap` every example carries its own error.
-    - `error_features`: the size of the network output.
-    - `dtype`: the channel's float dtype; defaults to `x`'s if floating, else JAX's
-        default float.
-
-    **Returns:**
-
-    A zero vector of shape `(error_features,)`.
-    """
-    check_positive_int(error_features=error_features)
-    if dtype is None:
-        x_float = jnp.issubdtype(x.dtype, jnp.floating)
-        dtype = x.dtype if x_float else default_floating_dtype()
-    return open_channel(x, error_features, dtype)
-
-
-def close_error_channel(
-    output: Float[Array, " error_features"], channel: Float[Array, " error_features"]
-) -> Float[Array, " error_features"]:
-    """Close the error channel at the model's output.
-
-    **Arguments:**
-
-    - `output`: the network output `y` (one example).
-    - `channel`: the channel returned by the last feedback point.
-
-    **Returns:**
-
-    `output`, unchanged. On the backward pass its cotangent `e = ∂L/∂y` is also sent
-    down the channel to every feedback point.
-    """
-    if output.shape != channel.shape:
-        raise ValueError(
-            f"the network output has shape {output.shape} but the error channel has "
-            f"shape {channel.shape}; open the channel with "
-            f"`error_features={output.size}`."
-        )
-    return close(output, channel)
-
-
-def _shape(shape: int | Sequence[int], name: str) -> tuple[int, ...]:
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    check_positive_int(**{f"{name}[{i}]": n for i, n in enumerate(shape)})
-    return shape
-
-
-def _init_feedback(
-    shape: tuple[int, ...], error_features: int, scale: float, dtype, key
-) -> Array:
-    """`B ~ U(-s/√size, s/√size)` of shape `(*shape, error_features)`, `size` the
-    number of entries of the activation it feeds."""
-    check_positive_int(error_features=error_features)
-    check_positive_number(feedback_scale=scale)
-    bound = scale / math.sqrt(math.prod(shape))
-    return uniform(key, (*shape, error_features), bound, dtype)
-
-
-def _check_point(name: str, feedback: Array, h: Array, channel: Array) -> None:
-    if feedback.ndim < 2:
-        raise ValueError(f"{name}'s `feedback` must have shape (*shape, error).")
-    if h.shape != feedback.shape[:-1]:
-        hint = (
-            " Layers take one example; batch with `jax.vmap`."
-            if h.shape[1:] == feedback.shape[:-1]
-            else ""
-        )
-        raise ValueError(
-            f"{name} expects an activation of shape {feedback.shape[:-1]}, got "
-            f"{h.shape}.{hint}"
-        )
-    if channel.shape != feedback.shape[-1:]:
-        raise ValueError(
-            f"{name} expects an error channel of shape {feedback.shape[-1:]}, got "
-            f"{channel.shape}; open it with `bfx.open_error_channel`."
-        )
 
 
 class DFAFeedback(AbstractFeedback):
@@ -136,7 +59,13 @@ class DFAFeedback(AbstractFeedback):
     `i` runs over every entry of `h` (any shape, e.g. a conv feature map); whatever
     cotangent reaches `h` from later layers is discarded, so no backward chain runs.
     Inside the block, ordinary backprop turns `B e` into the block's gradients.
-    `feedback` has shape `(*h.shape, error_features)` and never trains.
+    `feedback` has shape `(*shape, error_features)` and never trains.
+
+    With a per-token channel (an error `e` of shape `(*positions, error_features)`,
+    e.g. `(context, vocab)`), `shape` is one position's activation and `B` is shared
+    across positions (Launay et al. 2020): `h` has shape `(*positions, *shape)` and
+    position `t` receives $\\bar h_t = B e_t$, i.e. $\\bar h = e B^\\top$ for `B` of
+    shape `(width, vocab)`.
     """
 
     feedback: Float[Array, "*shape error_features"]
@@ -153,16 +82,18 @@ class DFAFeedback(AbstractFeedback):
     ):
         """**Arguments:**
 
-        - `shape`: the shape of the activation it wraps (an int for a vector).
-        - `error_features`: the size of the network output.
+        - `shape`: the shape of the activation it wraps (an int for a vector); per
+            token, of one position's activation.
+        - `error_features`: the size of the network output (per token: its last
+            axis, e.g. the vocabulary).
         - `dtype`: defaults to JAX's default float.
         - `feedback_scale`: `B ~ U(-s/√size, s/√size)`, `s = feedback_scale`, `size`
             the number of entries of the activation.
         - `key`: a `jax.random.PRNGKey`.
         """
         dtype = default_floating_dtype() if dtype is None else dtype
-        self.feedback = _init_feedback(
-            _shape(shape, "shape"), error_features, feedback_scale, dtype, key
+        self.feedback = init_feedback(
+            as_shape(shape, "shape"), error_features, feedback_scale, dtype, key
         )
 
     def __check_init__(self):
@@ -180,23 +111,27 @@ class DFAFeedback(AbstractFeedback):
 
     def __call__(
         self,
-        h: Float[Array, "*shape"],
-        channel: Float[Array, " error_features"],
+        h: Float[Array, "..."],
+        channel: Float[Array, "*positions error_features"],
         *,
         key: PRNGKeyArray | None = None,
-    ) -> tuple[Float[Array, "*shape"], Float[Array, " error_features"]]:
+    ) -> tuple[Float[Array, "..."], Float[Array, "*positions error_features"]]:
         """**Arguments:**
 
-        - `h`: one example's activation, of shape `shape`.
-        - `channel`: the error channel.
+        - `h`: one example's activation, of shape `(*positions, *shape)`.
+        - `channel`: the error channel, of shape `(*positions, error_features)`
+            (`positions = ()` for one error vector per example).
         - `key`: ignored.
 
         **Returns:**
 
         `(h, channel)`, unchanged.
         """
-        _check_point("DFAFeedback", self.feedback, h, channel)
-        return direct_feedback(h, channel, self.feedback)
+        check_point("DFAFeedback", self.feedback, h, channel)
+        h, channel = direct_feedback(h, channel, self.feedback)
+        # What later layers would send back to `h` is discarded: with no cotangent
+        # asked of it, it is never computed (no backward through their inputs).
+        return lax.stop_gradient(h), channel
 
 
 def _is_stateful(layer: object) -> bool:
@@ -272,8 +207,8 @@ class DFA(AbstractWrapper[_Layer]):
                 else default_floating_dtype()
             )
         self.layer = layer
-        self.feedback = _init_feedback(
-            _shape(shape, "input_shape"), error_features, feedback_scale, dtype, key
+        self.feedback = init_feedback(
+            as_shape(shape, "input_shape"), error_features, feedback_scale, dtype, key
         )
 
     def __check_init__(self):
@@ -302,19 +237,20 @@ class DFA(AbstractWrapper[_Layer]):
 
     def __call__(
         self,
-        x: Float[Array, "*input_shape"],
-        channel: Float[Array, " error_features"],
+        x: Float[Array, "..."],
+        channel: Float[Array, "*positions error_features"],
         state: State | Any = _sentinel,
         *,
         key: PRNGKeyArray | None = None,
     ) -> (
-        tuple[Array, Float[Array, " error_features"]]
-        | tuple[Array, Float[Array, " error_features"], State]
+        tuple[Array, Float[Array, "*positions error_features"]]
+        | tuple[Array, Float[Array, "*positions error_features"], State]
     ):
         """**Arguments:**
 
-        - `x`: one example's input to the layer.
-        - `channel`: the error channel.
+        - `x`: one example's input to the layer, of shape `(*positions,
+            *input_shape)`.
+        - `channel`: the error channel, of shape `(*positions, error_features)`.
         - `state`: passed to a stateful layer (then the state is returned too).
         - `key`: passed to the layer.
 
@@ -322,7 +258,7 @@ class DFA(AbstractWrapper[_Layer]):
 
         `(layer(x), channel)`, or `(y, channel, state)` when `state` is passed.
         """
-        _check_point(type(self).__name__, self.feedback, x, channel)
+        check_point(type(self).__name__, self.feedback, x, channel)
         with jax.named_scope("bfx.DFA"):
             x, channel = direct_feedback(x, channel, self.feedback)
         # The layer sees no cotangent to `x`, so no chain through its weights.

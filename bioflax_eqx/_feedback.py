@@ -122,36 +122,47 @@ def _direct_feedback_bwd(residuals, grads, perturbed, vjp_arg, feedback):
     activation_perturbed, _ = perturbed
     if grad_error is None:
         return None, None
-    grad_activation = (
-        jnp.tensordot(feedback, grad_error, axes=1) if activation_perturbed else None
-    )
+    if not activation_perturbed:
+        grad_activation = None
+    elif grad_error.ndim == 1:
+        grad_activation = jnp.tensordot(feedback, grad_error, axes=1)
+    else:
+        # A per-token error `(*positions, error)`: `B e_t` at every position, one
+        # product `e Bᵀ` with `B` shared across positions.
+        axes = ((grad_error.ndim - 1,), (feedback.ndim - 1,))
+        grad_activation = jnp.tensordot(grad_error, feedback, axes=axes)
     return grad_activation, grad_error
 
 
 def direct_feedback(
-    activation: Float[Array, "*shape"],
-    channel: Float[Array, " error"],
+    activation: Float[Array, "..."],
+    channel: Float[Array, "*positions error"],
     feedback: Float[Array, "*shape error"],
-) -> tuple[Float[Array, "*shape"], Float[Array, " error"]]:
-    """Identity on `(activation, channel)`; on the backward pass `activation` receives
-    `feedback @ e` (contracting the last axis), where `e` is the channel's cotangent
-    (the network's output error), and `e` passes on unchanged down the channel.
+) -> tuple[Float[Array, "..."], Float[Array, "*positions error"]]:
+    """Identity on `(activation, channel)`; on the backward pass `e`, the channel's
+    cotangent (the network's output error), passes on unchanged down the channel and
+    `activation`, of shape `(*positions, *shape)`, receives `B e_p` at each position
+    `p` (contracting the error axis): `tensordot(feedback, e, 1)` for a per-example
+    error (no positions), `e @ feedback.T` for a per-token error of a sequence.
     """
     return _direct_feedback((activation, channel), lax.stop_gradient(feedback))
 
 
 def close(
-    output: Float[Array, " error"], channel: Float[Array, " error"]
-) -> Float[Array, " error"]:
+    output: Float[Array, "*error_shape"], channel: Float[Array, "*error_shape"]
+) -> Float[Array, "*error_shape"]:
     """Identity on `output`; its cotangent `e` is also sent down `channel`."""
     return _shared(output, channel)
 
 
-def open_channel(x: Array, error_features: int, dtype) -> Float[Array, " error"]:
-    """A zero vector that depends on `x`, so that under `jax.vmap` it is batched like
-    `x`. An unbatched channel would receive the batch *sum* of the errors."""
-    zeros = jnp.zeros((error_features,), dtype)
+def open_channel(
+    x: Array, error_shape: tuple[int, ...], dtype
+) -> Float[Array, "*error_shape"]:
+    """Zeros of `error_shape` that depend on `x`, so that under `jax.vmap` they are
+    batched like `x`. An unbatched channel would receive the batch *sum* of the
+    errors."""
+    zeros = jnp.zeros(error_shape, dtype)
     first = lax.stop_gradient(jnp.ravel(x)[:1]).astype(dtype)
     return lax.select(
-        jnp.zeros((error_features,), bool), jnp.broadcast_to(first, zeros.shape), zeros
+        jnp.zeros(error_shape, bool), jnp.broadcast_to(first, error_shape), zeros
     )

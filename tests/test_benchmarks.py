@@ -16,7 +16,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def scripts():
     """The benchmark modules, imported from the `benchmarks` package (the tests run
     from the repository root, as `python -m benchmarks.run_all` does)."""
-    names = ("_timing", "_torch", "mlp", "conv_ops", "conv", "devices", "run_all")
+    names = (
+        "_timing",
+        "_torch",
+        "mlp",
+        "conv_ops",
+        "conv",
+        "devices",
+        "run_all",
+        "transformer",
+    )
     return {name: importlib.import_module(f"benchmarks.{name}") for name in names}
 
 
@@ -109,3 +118,14 @@ def test_run_all_runs_as_a_module():
     )
     assert done.returncode == 0, done.stderr
     assert "--smoke" in done.stdout
+
+
+def test_transformer_smoke_run(scripts, tmp_path):
+    out = tmp_path / "transformer.md"
+    scripts["transformer"].main(["--smoke", "--out", str(out)])
+    text = out.read_text()
+    assert "## Transformer (smoke run)" in text
+    assert "| bp | " in text and "| 1.00× |" in text
+    for rule in ("fa", "dfa-macro"):
+        assert f"| {rule} | " in text
+    assert "| dfa-macro step ≤ 0.90× BP, Transformer" in text

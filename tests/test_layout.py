@@ -16,6 +16,7 @@ CORE = (
     "_registry",
     "_feedback",
     "_dfa",
+    "_channel",
     "_convert",
     "_mlp",
     "_optim",

@@ -1,5 +1,5 @@
-"""Data: MNIST-format IDX files, CIFAR-10, synthetic regression tasks, batching
-and image augmentation.
+"""Data: MNIST-format IDX files, CIFAR-10, character-level text corpora, synthetic
+regression tasks, batching and image augmentation.
 
 Everything a training run consumes comes out of here as JAX arrays, and every random
 choice (validation split, synthetic inputs, batch order) is drawn from an explicit
@@ -24,3 +24,9 @@ from ._load import (
     load_dataset as load_dataset,
 )
 from ._synthetic import sine as sine, teacher_student as teacher_student
+from ._text import (
+    TextCorpus as TextCorpus,
+    epoch_windows as epoch_windows,
+    eval_windows as eval_windows,
+    load_text as load_text,
+)

@@ -1,0 +1,167 @@
+"""The Transformer (a character-level language model): the Adam step of every rule
+relative to backprop, DFA in both placements, and characters per second.
+
+    .venv-bench/bin/python -m benchmarks.transformer --out /tmp/transformer.md
+
+Windows of `../shared/data/shakespeare` (or `--data-dir`), else random tokens. WM's
+step is its learning phase (FA's); its mirror phase runs between steps and is not
+timed here. PyTorch's side of the table is still to come.
+"""
+
+import dataclasses
+import functools
+import pathlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+
+import bioflax_eqx as bfx
+
+from . import _timing as T
+
+
+RULES = ("bp", "fa", "kp", "wm", "usf", "frsf", "brsf", "dfa-macro", "dfa-micro")
+# Issue 19's targets on the step relative to backprop.
+TARGETS = {"fa": 1.05, "usf": 1.05, "frsf": 1.05, "brsf": 1.05}
+TARGETS |= {"dfa-macro": 0.90, "dfa-micro": 0.90}
+SHAKESPEARE = "shared/data/shakespeare"  # beside the repository
+VOCAB = 85  # Shakespeare's 84 characters + the unknown symbol, for random tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    context: int
+    width: int
+    depth: int
+    heads: int
+    batch: int
+    rules: tuple[str, ...]
+    repeats: int
+    calls: int
+    smoke: bool
+
+
+FULL = Setup(128, 128, 4, 4, 32, RULES, 11, 3, False)
+SMOKE = Setup(16, 16, 1, 2, 4, ("bp", "fa", "dfa-macro"), 1, 1, True)
+
+
+def windows(setup: Setup, data_dir: str | None) -> tuple[jax.Array, jax.Array, int]:
+    """One batch of `(inputs, targets)` windows and the vocabulary size."""
+    key = jax.random.key(0)
+    if data_dir is None:
+        data_dir = str(pathlib.Path(__file__).resolve().parents[2] / SHAKESPEARE)
+    try:
+        corpus = bfx.load_text("shakespeare", data_dir)
+        tokens, vocab = corpus.train, corpus.vocab_size
+    except bfx.DataNotFoundError:
+        tokens = jax.random.randint(key, (64 * setup.context * setup.batch,), 0, VOCAB)
+        vocab = VOCAB
+    inputs, targets = bfx.epoch_windows(key, tokens, setup.context, setup.batch)
+    return inputs[0], targets[0], vocab
+
+
+def model_for(rule: str, setup: Setup, vocab: int) -> bfx.Transformer:
+    k_model, k_feedback = jax.random.split(jax.random.key(1))
+    model = bfx.Transformer(
+        vocab,
+        setup.context,
+        setup.width,
+        setup.depth,
+        setup.heads,
+        T.DTYPE,
+        key=k_model,
+    )
+    if rule.startswith("dfa"):
+        placement = rule.split("-")[1]
+        return bfx.convert(model, "dfa", key=k_feedback, placement=placement)
+    return bfx.convert(model, rule, key=k_feedback)
+
+
+def compiled_step(model: bfx.Transformer, x, t) -> Callable[[], Any]:
+    """Gradient + Adam update of one batch, parameters and state carried."""
+    params, static = eqx.partition(model, bfx.trainable(model))
+    optimizer = optax.adam(T.LR)
+    opt_state = optimizer.init(params)
+    key = jax.random.key(2)
+
+    def loss(params, x, t, key):
+        m = eqx.combine(params, static)
+        logits = jax.vmap(lambda xi: m(xi, key=key))(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, t).mean()
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, x, t, key):
+        grads = jax.grad(loss)(params, x, t, key)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    # optax's bias correction mixes int32 and float: standard promotion.
+    with jax.numpy_dtype_promotion("standard"):
+        compiled = step.lower(params, opt_state, x, t, key).compile()
+    holder = [jax.tree_util.tree_map(jnp.copy, (params, opt_state))]
+
+    def carried():
+        holder[0] = compiled(*holder[0], x, t, key)
+        return holder[0]
+
+    return carried
+
+
+def run(
+    setup: Setup, data_dir: str | None, use_torch: bool
+) -> tuple[list[str], list[tuple[str, str, bool]]]:
+    """Times every rule's step; returns the report's lines and the verdicts."""
+    del use_torch  # the PyTorch twin is still to come
+    x, t, vocab = windows(setup, data_dir)
+    print("transformer: compiling ...")
+    steps = {
+        rule: compiled_step(model_for(rule, setup, vocab), x, t) for rule in setup.rules
+    }
+    print(f"transformer: timing steps ({setup.repeats} rounds) ...")
+    timed = T.interleaved(steps, setup.repeats, setup.calls, seed=0)
+    characters = setup.batch * setup.context
+    name = (
+        f"context {setup.context}, width {setup.width}, depth {setup.depth}, "
+        f"{setup.heads} heads"
+    )
+    lines = [
+        "## Transformer" + (" (smoke run)" if setup.smoke else ""),
+        "",
+        f"### {name}",
+        "",
+        f"Batch {setup.batch} windows, float32, `optax.adam({T.LR})`; load "
+        f"{T.load()}. Median of {setup.repeats} interleaved rounds.",
+        "",
+        "| rule | step (ms) | step / BP | characters / s |",
+        "| --- | --- | --- | --- |",
+    ]
+    verdicts = []
+    for rule in setup.rules:
+        seconds = timed[rule]
+        lines.append(
+            f"| {rule} | {1e3 * seconds:.2f} | {T.ratio(seconds, timed['bp'])} | "
+            f"{characters / seconds:,.0f} |"
+        )
+        if rule in TARGETS:
+            limit = TARGETS[rule]
+            verdicts.append(
+                (
+                    f"{rule} step ≤ {limit:.2f}× BP, Transformer {name}",
+                    T.ratio(seconds, timed["bp"]),
+                    seconds / timed["bp"] <= limit,
+                )
+            )
+    return lines, verdicts
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    T.script_main("Transformer benchmarks.", run, SMOKE, FULL, argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
