@@ -17,13 +17,13 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from .._lowering import lowering
 from .._metrics import alignment_metrics
-from ..data import IMAGE_SHAPES, augment_images, epoch_windows
+from ..data import IMAGE_SHAPES, Dataset, augment_images, epoch_windows
 from ..models import BATCH_AXIS
 from ._build import image_input
 from ._config import TrainConfig
 from ._epoch import train_epoch_with_state
 from ._losses import hits, loss_for
-from ._mesh import DATA_AXIS
+from ._mesh import DATA_AXIS, replicated
 from ._optimizer import mirror_step, optimizer
 
 
@@ -207,3 +207,18 @@ def evaluate(params, state, splits, fixed_x, fixed_y, key, static, setup: Setup)
         results.append((jnp.mean(losses), acc))
     alignment = alignment_metrics(applied, fixed_x, fixed_y, loss_fn, key=key)
     return results, alignment
+
+
+def evaluation_data(
+    config: TrainConfig, data: Dataset, key: PRNGKeyArray, mesh: Mesh | None
+) -> tuple[list[str], list[tuple[Array, Array]], tuple[Array, Array], PRNGKeyArray]:
+    """The names and arrays of the splits evaluated each epoch (those not empty),
+    the fixed batch of the alignment metrics and their key, on the devices."""
+    splits = {"val": data.val, "test": data.test}
+    splits = {name: s for name, s in splits.items() if s.x.shape[0] > 0}
+    arrays = [replicated((s.x, s.y), mesh) for s in splits.values()]
+    # A fixed batch for the metrics, so that epochs are comparable.
+    source = data.val if data.val.x.shape[0] > 0 else data.train
+    fixed = (source.x[: config.metrics_batch], source.y[: config.metrics_batch])
+    fixed, key = replicated((fixed, key), mesh)
+    return list(splits), arrays, fixed, key

@@ -3,9 +3,8 @@ construction (the command line's options are generated from the descriptions).""
 
 import dataclasses
 import math
-import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -17,12 +16,19 @@ from .._checks import (
     check_non_negative_number,
     check_positive_int,
     check_positive_number,
-    is_int,
 )
 from .._lowering import CONV_PATHS
 from .._registry import RULES
 from ..data import IMAGE_SHAPES, IMAGE_SIZES, TEXT_DATASETS
 from ..models import PLACEMENTS
+from ._fields import (
+    ConfigError as ConfigError,
+    check_batch_split as check_batch_split,
+    check_choice as check_choice,
+    check_type,
+    field,
+    field_type as field_type,
+)
 
 
 DATASETS: tuple[str, ...] = (
@@ -61,73 +67,6 @@ _SIZES = {"mlp": (256, 2), "transformer": (128, 4)}
 
 # The teacher network of `dataset="teacher_student"`: in, out, width, depth.
 TEACHER = (32, 4, 64, 2)
-
-
-class ConfigError(ValueError):
-    """An invalid [`TrainConfig`][bioflax_eqx.TrainConfig] field, or argument of the
-    training functions (a `batch_size` that the devices do not divide); `field`
-    names it."""
-
-    field: str
-    reason: str
-
-    def __init__(self, field: str, reason: str):
-        super().__init__(f"`{field}` {reason}")
-        self.field = field
-        self.reason = reason
-
-
-def _field(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
-    """A dataclass field with its description (and choices) for the command line."""
-    return dataclasses.field(
-        default=default, metadata={"help": help, "choices": choices}
-    )
-
-
-def check_choice(field: str, value: object, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ConfigError(field, f"must be one of {', '.join(choices)}; got {value!r}.")
-
-
-def check_batch_split(batch_size: int, devices: int, which: str) -> None:
-    """The one check of a batch against devices, wherever a batch is split:
-    `batch_size` must be a multiple of the `devices` that `which` describes."""
-    if batch_size % devices != 0:
-        raise ConfigError(
-            "batch_size",
-            f"must be a multiple of {which}: each device takes an equal part of "
-            f"every batch; got {batch_size}.",
-        )
-
-
-def field_type(annotation: Any) -> tuple[type, bool]:
-    """The base type of a field (`int`, `float`, `str`, `bool`) and whether `None`
-    is allowed."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) in (
-        typing.Union,
-    ):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args[0], True
-    return annotation, False
-
-
-def _check_type(field: str, value: object, annotation: Any) -> None:
-    kind, optional = field_type(annotation)
-    if value is None and optional:
-        return
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, int) and is_int(value)  # a Python int (JSON), no bool
-    elif kind is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, kind)
-    if not ok:
-        name = kind.__name__ + (" or None" if optional else "")
-        raise ConfigError(
-            field, f"must be of type {name}, got {type(value).__name__} {value!r}."
-        )
 
 
 # Not instrumented by jaxtyping's import hook (the tests run under it): the fields'
@@ -239,59 +178,57 @@ class TrainConfig:
     - `out`: the output folder; `None` writes nothing.
     """
 
-    rule: str = _field("fa", "learning rule", RULES)
-    model: str = _field("mlp", "the network", MODELS)
-    dataset: str = _field("mnist", "the task", DATASETS)
-    data_dir: str | None = _field(None, "folder of the data files")
-    limit: int | None = _field(None, "read only this many train/test images")
-    val_size: int = _field(5000, "training examples held out")
-    n_train: int = _field(20_000, "training examples of synthetic tasks")
-    n_test: int = _field(5000, "test examples of synthetic tasks")
-    augment: str = _field("auto", "training-image augmentation", AUGMENTS)
-    width: int | None = _field(
+    rule: str = field("fa", "learning rule", RULES)
+    model: str = field("mlp", "the network", MODELS)
+    dataset: str = field("mnist", "the task", DATASETS)
+    data_dir: str | None = field(None, "folder of the data files")
+    limit: int | None = field(None, "read only this many train/test images")
+    val_size: int = field(5000, "training examples held out")
+    n_train: int = field(20_000, "training examples of synthetic tasks")
+    n_test: int = field(5000, "test examples of synthetic tasks")
+    augment: str = field("auto", "training-image augmentation", AUGMENTS)
+    width: int | None = field(
         None, "hidden layer size (mlp: 256) or residual width (transformer: 128)"
     )
-    depth: int | None = _field(
-        None, "hidden layers (mlp: 2) or blocks (transformer: 4)"
-    )
-    context: int = _field(128, "sequence length (transformer)")
-    heads: int = _field(4, "attention heads per block (transformer)")
-    dfa_placement: str = _field(
+    depth: int | None = field(None, "hidden layers (mlp: 2) or blocks (transformer: 4)")
+    context: int = field(128, "sequence length (transformer)")
+    heads: int = field(4, "attention heads per block (transformer)")
+    dfa_placement: str = field(
         "macro", "where the transformer's DFA points go (dfa)", PLACEMENTS
     )
-    activation: str = _field(
+    activation: str = field(
         "auto",
         "hidden activation; auto: tanh for lenet, relu otherwise",
         ("auto", *ACTIVATIONS),
     )
-    loss: str = _field(
+    loss: str = field(
         "auto",
         "per-example loss; auto: cross_entropy (classification), squared_error",
         ("auto", *LOSSES),
     )
-    init: str = _field("default", "initialisation (akrout: mlp only)", INITS)
-    optimizer: str = _field("adam", "optimiser", OPTIMIZERS)
-    lr: float = _field(1e-3, "peak learning rate")
-    bias_lr_scale: float = _field(1.0, "factor of the biases' updates")
-    schedule: str = _field("constant", "learning-rate schedule", SCHEDULES)
-    warmup_epochs: int = _field(0, "linear warm-up epochs")
-    weight_decay: float = _field(0.0, "weight decay, in [0, 1)")
-    batch_size: int = _field(64, "examples per step")
-    shuffle: bool = _field(True, "a new order of the training set every epoch")
-    devices: int = _field(1, "devices to split each batch over (data parallel)")
-    epochs: int = _field(10, "epochs to train")
-    seed: int = _field(0, "seed of every random choice")
-    feedback_scale: float = _field(1.0, "scale of random feedback")
-    mirror_lr: float = _field(0.005, "weight mirror learning rate (wm)")
-    mirror_noise: float = _field(1.0, "weight mirror noise scale (wm)")
-    mirror_decay: float = _field(1.0, "weight mirror decay of B (wm)")
-    mirror_batch: int = _field(256, "weight mirror noise vectors (wm)")
-    mirror_steps_before: int = _field(0, "weight mirror steps before training (wm)")
-    metrics_batch: int = _field(1000, "examples for alignment metrics")
-    conv_path: str = _field(
+    init: str = field("default", "initialisation (akrout: mlp only)", INITS)
+    optimizer: str = field("adam", "optimiser", OPTIMIZERS)
+    lr: float = field(1e-3, "peak learning rate")
+    bias_lr_scale: float = field(1.0, "factor of the biases' updates")
+    schedule: str = field("constant", "learning-rate schedule", SCHEDULES)
+    warmup_epochs: int = field(0, "linear warm-up epochs")
+    weight_decay: float = field(0.0, "weight decay, in [0, 1)")
+    batch_size: int = field(64, "examples per step")
+    shuffle: bool = field(True, "a new order of the training set every epoch")
+    devices: int = field(1, "devices to split each batch over (data parallel)")
+    epochs: int = field(10, "epochs to train")
+    seed: int = field(0, "seed of every random choice")
+    feedback_scale: float = field(1.0, "scale of random feedback")
+    mirror_lr: float = field(0.005, "weight mirror learning rate (wm)")
+    mirror_noise: float = field(1.0, "weight mirror noise scale (wm)")
+    mirror_decay: float = field(1.0, "weight mirror decay of B (wm)")
+    mirror_batch: int = field(256, "weight mirror noise vectors (wm)")
+    mirror_steps_before: int = field(0, "weight mirror steps before training (wm)")
+    metrics_batch: int = field(1000, "examples for alignment metrics")
+    conv_path: str = field(
         "auto", "how convolutions are computed (auto: im2col on CPU)", CONV_PATHS
     )
-    out: str | None = _field(None, "output folder")
+    out: str | None = field(None, "output folder")
 
     def __post_init__(self):
         self._check_types()
@@ -316,7 +253,7 @@ class TrainConfig:
 
     def _check_types(self) -> None:
         for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), f.type)
+            check_type(f.name, getattr(self, f.name), f.type)
             choices = f.metadata.get("choices")
             if choices is not None:
                 check_choice(f.name, getattr(self, f.name), choices)

@@ -320,7 +320,7 @@ class _Run:
             train_x, train_y = replicated(data.train, mesh), None
             evaluate = evaluate_text
         else:
-            names, splits, fixed, metrics_key = _evaluation_data(
+            names, splits, fixed, metrics_key = _compiled.evaluation_data(
                 config, data, metrics_key, mesh
             )
             train_x, train_y = replicated((data.train.x, data.train.y), mesh)
@@ -377,21 +377,6 @@ class _Run:
             f"became NaN or infinite (mean loss {float(loss)}); {kept}. Try a "
             "smaller learning rate (--lr)."
         )
-
-
-def _evaluation_data(
-    config: TrainConfig, data: Dataset, key: PRNGKeyArray, mesh: Mesh | None
-) -> tuple[list[str], list[tuple[Array, Array]], tuple[Array, Array], PRNGKeyArray]:
-    """The names and arrays of the splits evaluated each epoch (those not empty),
-    the fixed batch of the alignment metrics and their key, on the devices."""
-    splits = {"val": data.val, "test": data.test}
-    splits = {name: s for name, s in splits.items() if s.x.shape[0] > 0}
-    arrays = [replicated((s.x, s.y), mesh) for s in splits.values()]
-    # A fixed batch for the metrics, so that epochs are comparable.
-    source = data.val if data.val.x.shape[0] > 0 else data.train
-    fixed = (source.x[: config.metrics_batch], source.y[: config.metrics_batch])
-    fixed, key = replicated((fixed, key), mesh)
-    return list(splits), arrays, fixed, key
 
 
 def load_run(
