@@ -68,6 +68,7 @@ from .training import (
     compare as compare,
     cross_entropy as cross_entropy,
     load_run as load_run,
+    sample as sample,
     sigmoid_cross_entropy as sigmoid_cross_entropy,
     squared_error as squared_error,
     train as train,

@@ -25,6 +25,7 @@ from ._load import (
 )
 from ._synthetic import sine as sine, teacher_student as teacher_student
 from ._text import (
+    TEXT_DATASETS as TEXT_DATASETS,
     TextCorpus as TextCorpus,
     epoch_windows as epoch_windows,
     eval_windows as eval_windows,

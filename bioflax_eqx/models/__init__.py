@@ -7,5 +7,5 @@ experiments all build them from here. The public names are also exported by
 from ._common import BATCH_AXIS as BATCH_AXIS
 from ._lenet import lenet as lenet
 from ._resnet import ResidualBlock as ResidualBlock, resnet20 as resnet20
-from ._transformer import Transformer as Transformer
+from ._transformer import PLACEMENTS as PLACEMENTS, Transformer as Transformer
 from ._vgg import vgg as vgg

@@ -3,12 +3,15 @@ runs with checkpoints and bit-identical resume, comparisons of rules, plots and 
 `bioflax-eqx` command line. Everything public is also exported by `bioflax_eqx`
 itself (`bfx.train`, `bfx.TrainConfig`, ...).
 
-One job per module: `_config` (the configuration and its checks), `_epoch` (one
-compiled epoch, public), `_build` (a run's data and initial model), `_mesh` (many
-devices), `_optimizer` (schedule, optimiser, what it trains), `_losses`,
-`_compiled` (the trainer's compiled epoch and evaluation), `_records` (a run's
-files and summary), `_checkpoint`, `_run` (`train`, `load_run`), `_compare`,
-`_extras` (progress bar and plots when installed), `_plots`, `_cli`."""
+One job per module: `_config` (the configuration and its checks; `_fields`, the
+machinery of its fields), `_epoch` (one compiled epoch, public), `_build` (a run's
+data and initial model), `_mesh` (many devices), `_optimizer` (schedule, optimiser,
+what it trains), `_losses`, `_compiled` (the trainer's compiled epoch and
+evaluation), `_records` (a run's
+files and summary), `_language` (a language model's corpus, evaluation and
+records), `_checkpoint`, `_run` (`train`, `load_run`), `_sample` (text from a
+trained language model), `_compare`, `_extras` (progress bar and plots when
+installed), `_plots`, `_cli`."""
 
 from ._checkpoint import CheckpointError as CheckpointError
 from ._compare import compare as compare
@@ -33,3 +36,4 @@ from ._run import (
     load_run as load_run,
     train as train,
 )
+from ._sample import sample as sample

@@ -26,7 +26,7 @@ from ..data import (
     sine,
     teacher_student,
 )
-from ..models import lenet, resnet20, vgg
+from ..models import Transformer, lenet, resnet20, vgg
 from ._config import ACTIVATIONS, TEACHER, ConfigError, TrainConfig, io_shapes
 from ._optimizer import mirror_step
 
@@ -71,8 +71,20 @@ def load_data(config: TrainConfig, key: PRNGKeyArray) -> Dataset:
     return sine(key, n_train=n_train, n_val=n_val, n_test=n_test, dtype=jnp.float32)
 
 
-def _plain_model(config: TrainConfig, key: PRNGKeyArray) -> Any:
+def _plain_model(config: TrainConfig, key: PRNGKeyArray, vocab_size: int | None) -> Any:
     """The configuration's network, trained by backprop."""
+    assert config.width is not None and config.depth is not None  # resolved
+    if config.model == "transformer":
+        assert vocab_size is not None  # the corpus' (or its checkpoint's)
+        return Transformer(
+            vocab_size,
+            config.context,
+            config.width,
+            config.depth,
+            config.heads,
+            jnp.float32,
+            key=key,
+        )
     (in_size,), out_size = io_shapes(config)
     activation = ACTIVATIONS[config.activation]
     if config.model == "mlp":
@@ -165,25 +177,18 @@ def _split_state(model: PyTree, state: Any = None) -> tuple[PyTree, Any]:
     return eqx.nn.delete_init_state(model), state
 
 
-def build_model(config: TrainConfig, key: PRNGKeyArray) -> tuple[Any, Any]:
+def build_model(
+    config: TrainConfig, key: PRNGKeyArray, vocab_size: int | None = None
+) -> tuple[Any, Any]:
     """The backprop network converted to the rule, so that every rule of a seed
     starts from the same weights and biases (and FA, KP, DFA and frSF from the same
     draw of feedback, where the shapes agree), initialised as `config.init` says
     and for WM mirrored `config.mirror_steps_before` times; and its state (batch
-    norm), or `None`."""
+    norm), or `None`. The Transformer needs the corpus' `vocab_size`."""
     init_key, feedback_key = jax.random.split(key)
-    model = _plain_model(config, init_key)
-    _, out_size = io_shapes(config)
+    model = _plain_model(config, init_key, vocab_size)
     if config.rule != "bp":
-        image_shape = IMAGE_SHAPES.get(config.dataset)
-        model = convert(
-            model,
-            config.rule,
-            key=feedback_key,
-            feedback_scale=config.feedback_scale,
-            error_features=out_size,
-            input_shape=None if config.model == "mlp" else image_shape,
-        )
+        model = _converted(model, config, feedback_key)
     # Keys of their own, so that the default runs keep theirs.
     if config.init == "akrout":
         model = _akrout_init(model, jax.random.fold_in(key, 1))
@@ -193,14 +198,43 @@ def build_model(config: TrainConfig, key: PRNGKeyArray) -> tuple[Any, Any]:
     return _split_state(model)
 
 
+def _converted(model: Any, config: TrainConfig, key: PRNGKeyArray) -> Any:
+    """`model` converted to the configuration's rule (not `bp`)."""
+    if config.model == "transformer":  # it places its own DFA points
+        dfa = config.rule == "dfa"
+        placement = config.dfa_placement if dfa else None
+        return convert(
+            model,
+            config.rule,
+            key=key,
+            feedback_scale=config.feedback_scale,
+            placement=placement,
+        )
+    _, out_size = io_shapes(config)
+    image_shape = IMAGE_SHAPES.get(config.dataset)
+    return convert(
+        model,
+        config.rule,
+        key=key,
+        feedback_scale=config.feedback_scale,
+        error_features=out_size,
+        input_shape=None if config.model == "mlp" else image_shape,
+    )
+
+
 def initial_model(
-    config: TrainConfig, key: PRNGKeyArray, model: Any, state: Any
+    config: TrainConfig,
+    key: PRNGKeyArray,
+    model: Any,
+    state: Any,
+    vocab_size: int | None = None,
 ) -> tuple[Any, Any]:
-    """The run's initial model and state: built from the configuration with `key`,
-    or the custom model passed (as built, with its feedback)."""
+    """The run's initial model and state: built from the configuration with `key`
+    (and for the Transformer the corpus' `vocab_size`), or the custom model passed
+    (as built, with its feedback)."""
     if config.model == "custom":
         return _split_state(model, state)
-    return build_model(config, key)
+    return build_model(config, key, vocab_size)
 
 
 def check_custom(config: TrainConfig, model: Any) -> None:

@@ -1,5 +1,6 @@
 """The `bioflax-eqx` command line: `train` one rule, or `compare` several; on one
-device, several (`--devices`), or several hosts (`--distributed`)."""
+device, several (`--devices`), or several hosts (`--distributed`); `sample` text
+from a trained language model."""
 
 import argparse
 import dataclasses
@@ -19,6 +20,7 @@ from ._config import ConfigError, TrainConfig, field_type
 from ._mesh import is_primary
 from ._records import CONFIG_NAME, TrainResult
 from ._run import DivergedError, train
+from ._sample import sample_run
 
 
 _DEFAULTS = TrainConfig()
@@ -145,7 +147,34 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
         help=f"rules to compare (default: all: {' '.join(RULES)})",
     )
     _add_run_options(compare_parser, "runs/compare-<dataset>-seed<seed>")
-    return parser, {"train": train_parser, "compare": compare_parser}
+    sample_parser = commands.add_parser(
+        "sample",
+        help="generate text from a trained language model",
+        description="Continue --prompt by --length characters drawn from the "
+        "last checkpoint of a transformer's run (seeded: the same seed, the "
+        "same text), and print it.",
+    )
+    sample_parser.add_argument("run_dir", metavar="RUN_DIR", help="the run's folder")
+    sample_parser.add_argument(
+        "--prompt", default="\n", help="text to continue (default: a newline)"
+    )
+    sample_parser.add_argument(
+        "--length", type=int, default=300, help="characters to add (default: 300)"
+    )
+    sample_parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the draws (default: 0)"
+    )
+    sample_parser.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="> 0; lower is more conservative (default: 1.0)",
+    )
+    return parser, {
+        "train": train_parser,
+        "compare": compare_parser,
+        "sample": sample_parser,
+    }
 
 
 def _config(args: argparse.Namespace, default_out: str) -> TrainConfig:
@@ -273,11 +302,30 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
         jax.distributed.initialize(**settings)
 
 
+def _sample(args: argparse.Namespace) -> int:
+    """Prints the text that `bioflax-eqx sample` asks for; returns the status."""
+    try:
+        text = sample_run(
+            args.run_dir,
+            args.prompt,
+            args.length,
+            seed=args.seed,
+            temperature=args.temperature,
+        )
+    except (CheckpointError, ConfigError, ValueError) as e:
+        print(f"bioflax-eqx: error: {e}", file=sys.stderr)
+        return 1
+    print(text)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
     parser, commands = _parsers()
     args = parser.parse_args(argv)
     sub = commands[args.command]
+    if args.command == "sample":
+        return _sample(args)
     default_out = (
         "runs/{dataset}-{rule}-seed{seed}"
         if args.command == "train"

@@ -17,13 +17,13 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from .._lowering import lowering
 from .._metrics import alignment_metrics
-from ..data import IMAGE_SHAPES, augment_images
+from ..data import IMAGE_SHAPES, Dataset, augment_images, epoch_windows
 from ..models import BATCH_AXIS
 from ._build import image_input
 from ._config import TrainConfig
 from ._epoch import train_epoch_with_state
 from ._losses import hits, loss_for
-from ._mesh import DATA_AXIS
+from ._mesh import DATA_AXIS, replicated
 from ._optimizer import mirror_step, optimizer
 
 
@@ -47,7 +47,11 @@ def make_setup(
     """The configuration with the fields that do not change the compiled programs
     reset, so that runs differing only in them share the programs."""
     epochs = config.epochs if config.schedule == "cosine" else 1
-    key = dataclasses.replace(config, out=None, data_dir=None, seed=0, epochs=epochs)
+    # (`text` needs some `data_dir`: any one stands for all.)
+    data_dir = "" if config.dataset == "text" else None
+    key = dataclasses.replace(
+        config, out=None, data_dir=data_dir, seed=0, epochs=epochs
+    )
     return Setup(key, image_input(config, model), state is not None, mesh)
 
 
@@ -114,8 +118,16 @@ def _all_finite(tree: PyTree) -> Array:
 def train_epoch(params, state, opt_state, x, y, key, static, setup: Setup):
     """One epoch ([`train_epoch_with_state`][bioflax_eqx.train_epoch_with_state]),
     its mean loss and accuracy, and whether the losses and parameters stayed
-    finite; data-parallel over `setup.mesh` if there is one."""
+    finite; data-parallel over `setup.mesh` if there is one. For text, `x` is the
+    training text's ids (`y` is `None`), cut into random windows here."""
     TRACE_COUNTS["epoch"] += 1
+    config = setup.config
+    shuffle = config.shuffle
+    if config.text:
+        window_key, key = jax.random.split(key)
+        x, y = epoch_windows(window_key, x, config.context, config.batch_size)
+        x, y = x.reshape(-1, config.context), y.reshape(-1, config.context)
+        shuffle = False  # the windows come in a random order already
     params, state, opt_state, losses, acc = train_epoch_with_state(
         params,
         static,
@@ -130,7 +142,7 @@ def train_epoch(params, state, opt_state, x, y, key, static, setup: Setup):
         after_step=mirror_step(setup.config),
         mesh=setup.mesh,
         conv_path=setup.config.conv_path,  # pyright: ignore[reportArgumentType]
-        shuffle=setup.config.shuffle,
+        shuffle=shuffle,
     )
     finite = jnp.all(jnp.isfinite(losses)) & _all_finite(params)
     return params, state, opt_state, jnp.mean(losses), jnp.mean(acc), finite
@@ -140,7 +152,7 @@ def train_epoch(params, state, opt_state, x, y, key, static, setup: Setup):
 _EVAL_CHUNK = 1000
 
 
-def _map_examples(fn: Callable, xs: PyTree, mesh: Mesh | None) -> PyTree:
+def map_examples(fn: Callable, xs: PyTree, mesh: Mesh | None) -> PyTree:
     """`lax.map(fn, xs, batch_size=_EVAL_CHUNK)` over the examples (first axis) of
     `xs`; with a mesh, each chunk is split over its devices (the chunk rounded up to
     a multiple of them; the remainder runs whole on every device)."""
@@ -190,8 +202,23 @@ def evaluate(params, state, splits, fixed_x, fixed_y, key, static, setup: Setup)
             output = lowered(xy[0], key=key)
             return loss_fn(output, xy[1]), output
 
-        losses, outputs = _map_examples(one, (x, y), setup.mesh)
+        losses, outputs = map_examples(one, (x, y), setup.mesh)
         acc = jnp.mean(hits(outputs, y)) if config.classification else None
         results.append((jnp.mean(losses), acc))
     alignment = alignment_metrics(applied, fixed_x, fixed_y, loss_fn, key=key)
     return results, alignment
+
+
+def evaluation_data(
+    config: TrainConfig, data: Dataset, key: PRNGKeyArray, mesh: Mesh | None
+) -> tuple[list[str], list[tuple[Array, Array]], tuple[Array, Array], PRNGKeyArray]:
+    """The names and arrays of the splits evaluated each epoch (those not empty),
+    the fixed batch of the alignment metrics and their key, on the devices."""
+    splits = {"val": data.val, "test": data.test}
+    splits = {name: s for name, s in splits.items() if s.x.shape[0] > 0}
+    arrays = [replicated((s.x, s.y), mesh) for s in splits.values()]
+    # A fixed batch for the metrics, so that epochs are comparable.
+    source = data.val if data.val.x.shape[0] > 0 else data.train
+    fixed = (source.x[: config.metrics_batch], source.y[: config.metrics_batch])
+    fixed, key = replicated((fixed, key), mesh)
+    return list(splits), arrays, fixed, key

@@ -3,9 +3,8 @@ construction (the command line's options are generated from the descriptions).""
 
 import dataclasses
 import math
-import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -17,11 +16,19 @@ from .._checks import (
     check_non_negative_number,
     check_positive_int,
     check_positive_number,
-    is_int,
 )
 from .._lowering import CONV_PATHS
 from .._registry import RULES
-from ..data import IMAGE_SHAPES, IMAGE_SIZES
+from ..data import IMAGE_SHAPES, IMAGE_SIZES, TEXT_DATASETS
+from ..models import PLACEMENTS
+from ._fields import (
+    ConfigError as ConfigError,
+    check_batch_split as check_batch_split,
+    check_choice as check_choice,
+    check_type,
+    field,
+    field_type as field_type,
+)
 
 
 DATASETS: tuple[str, ...] = (
@@ -30,8 +37,16 @@ DATASETS: tuple[str, ...] = (
     "cifar10",
     "teacher_student",
     "sine",
+    *TEXT_DATASETS,
 )
-MODELS: tuple[str, ...] = ("mlp", "lenet", "vgg", "resnet20", "custom")
+MODELS: tuple[str, ...] = (
+    "mlp",
+    "lenet",
+    "vgg",
+    "resnet20",
+    "transformer",
+    "custom",
+)
 OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 AUGMENTS: tuple[str, ...] = ("auto", "none", "shift", "shift-flip")
@@ -46,75 +61,12 @@ ACTIVATIONS: dict[str, Callable] = {
     "sigmoid": jax.nn.sigmoid,
 }
 
+# `width` and `depth` when not given: the MLP's, and the Transformer's (issue #19's
+# default, which learns on 2 CPU cores in minutes).
+_SIZES = {"mlp": (256, 2), "transformer": (128, 4)}
+
 # The teacher network of `dataset="teacher_student"`: in, out, width, depth.
 TEACHER = (32, 4, 64, 2)
-
-
-class ConfigError(ValueError):
-    """An invalid [`TrainConfig`][bioflax_eqx.TrainConfig] field, or argument of the
-    training functions (a `batch_size` that the devices do not divide); `field`
-    names it."""
-
-    field: str
-    reason: str
-
-    def __init__(self, field: str, reason: str):
-        super().__init__(f"`{field}` {reason}")
-        self.field = field
-        self.reason = reason
-
-
-def _field(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
-    """A dataclass field with its description (and choices) for the command line."""
-    return dataclasses.field(
-        default=default, metadata={"help": help, "choices": choices}
-    )
-
-
-def check_choice(field: str, value: object, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ConfigError(field, f"must be one of {', '.join(choices)}; got {value!r}.")
-
-
-def check_batch_split(batch_size: int, devices: int, which: str) -> None:
-    """The one check of a batch against devices, wherever a batch is split:
-    `batch_size` must be a multiple of the `devices` that `which` describes."""
-    if batch_size % devices != 0:
-        raise ConfigError(
-            "batch_size",
-            f"must be a multiple of {which}: each device takes an equal part of "
-            f"every batch; got {batch_size}.",
-        )
-
-
-def field_type(annotation: Any) -> tuple[type, bool]:
-    """The base type of a field (`int`, `float`, `str`, `bool`) and whether `None`
-    is allowed."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) in (
-        typing.Union,
-    ):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args[0], True
-    return annotation, False
-
-
-def _check_type(field: str, value: object, annotation: Any) -> None:
-    kind, optional = field_type(annotation)
-    if value is None and optional:
-        return
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, int) and is_int(value)  # a Python int (JSON), no bool
-    elif kind is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, kind)
-    if not ok:
-        name = kind.__name__ + (" or None" if optional else "")
-        raise ConfigError(
-            field, f"must be of type {name}, got {type(value).__name__} {value!r}."
-        )
 
 
 # Not instrumented by jaxtyping's import hook (the tests run under it): the fields'
@@ -138,14 +90,19 @@ class TrainConfig:
         `vgg` (a small VGG-style net: 3×3 convolutions
         of 32, 64 and 128 channels, each followed by a 2×2 max pool, then dense
         256, out), `resnet20` (He et al. 2016's CIFAR ResNet-20, with batch norm),
-        or `custom` (the model passed to [`bioflax_eqx.train`][] as `model=`). The
-        conv models need an image data set and take images `(C, H, W)`.
+        `transformer` (a decoder-only [`bioflax_eqx.Transformer`][], a character
+        language model: it needs a text data set, which needs it), or `custom`
+        (the model passed to [`bioflax_eqx.train`][] as `model=`). The conv
+        models need an image data set and take images `(C, H, W)`.
     - `dataset`: `mnist`, `fashion_mnist` (IDX files), `cifar10` (the binary
         distribution; see [`bioflax_eqx.load_dataset`][]), `teacher_student`
         (regression on a random tanh teacher, 32 inputs, 4 outputs, two hidden
-        layers of 64) or `sine` (regression, `y = sin(x)`).
+        layers of 64), `sine` (regression, `y = sin(x)`), or the character
+        corpora of [`bioflax_eqx.load_text`][] (90 / 5 / 5 % contiguous splits):
+        `shakespeare` (`shakespeare.txt`) or `text` (every `*.txt` of `data_dir`).
     - `data_dir`: the folder holding the data files; `None` uses
-        `$BIOFLAX_EQX_DATA` or the cache (downloading there once).
+        `$BIOFLAX_EQX_DATA` or the cache (downloading there once), for
+        `shakespeare` `../shared/data/shakespeare`; `text` needs it.
     - `limit`: read only the first `limit` training and test examples of an image
         data set (for quick checks).
     - `val_size`: training examples held out for validation (chosen by the seed).
@@ -157,7 +114,13 @@ class TrainConfig:
         a random shift; `shift-flip`, that and a random horizontal flip; or `auto`
         (the default), which becomes `shift-flip` for `cifar10` and `none` for the
         others. Ignored (left `none`) for the synthetic tasks.
-    - `width`, `depth`: hidden layer size and number of hidden layers (`mlp`).
+    - `width`, `depth`: hidden layer size and number of hidden layers (`mlp`;
+        default 256 and 2), or the residual stream's width and the number of
+        blocks (`transformer`; default 128 and 4).
+    - `context`, `heads`: the Transformer's sequence length (the windows it
+        trains on) and attention heads per block (dividing `width`).
+    - `dfa_placement`: where the Transformer's DFA points go (rule `dfa`):
+        `macro` (after each block) or `micro` (after each sub-layer).
     - `activation`: `relu`, `tanh`, `gelu`, `silu` or `sigmoid` (every model), or
         `auto` (the default), which becomes the model's own: `tanh` for `lenet`
         (LeNet-5's squashing units, LeCun et al. 1998; with them FA and DFA pass
@@ -181,10 +144,11 @@ class TrainConfig:
         ([`bioflax_eqx.decay_mask`][]), never on biases or fixed feedback. Added to
         the gradient before the optimiser (L2) for `sgd`, `momentum` and `adam`;
         decoupled for `adamw`.
-    - `batch_size`: examples per step; the last incomplete batch of each epoch is
-        dropped.
+    - `batch_size`: examples (for text, windows of `context + 1` characters) per
+        step; the last incomplete batch of each epoch is dropped.
     - `shuffle`: draw a new order of the training examples every epoch (seeded);
-        `False` takes them in file order every epoch.
+        `False` takes them in file order every epoch. Text epochs are always
+        random windows ([`bioflax_eqx.epoch_windows`][]).
     - `devices`: devices to train on, data-parallel (see the Many devices page):
         each batch is split evenly over this many local devices (of every process
         in a multi-host run), so `batch_size` must be a multiple of it; the
@@ -201,7 +165,8 @@ class TrainConfig:
         `mirror_steps_before`: mirror steps before training (Akrout et al. run one
         epoch's worth, 468).
     - `metrics_batch`: examples of the fixed batch (the first of the validation
-        split, or of the training split without one) for the alignment metrics.
+        split, or of the training split without one) for the alignment metrics;
+        for text, windows of the validation split (at most as many as it holds).
     - `conv_path`: how the compiled epochs and evaluations compute the model's
         convolutions and tiling max pools: `im2col` (slices, reshapes and one
         `dot`: [`bioflax_eqx.im2col_layers`][]), `xla` (`lax.conv_general_dilated`
@@ -213,53 +178,65 @@ class TrainConfig:
     - `out`: the output folder; `None` writes nothing.
     """
 
-    rule: str = _field("fa", "learning rule", RULES)
-    model: str = _field("mlp", "the network", MODELS)
-    dataset: str = _field("mnist", "the task", DATASETS)
-    data_dir: str | None = _field(None, "folder of the data files")
-    limit: int | None = _field(None, "read only this many train/test images")
-    val_size: int = _field(5000, "training examples held out")
-    n_train: int = _field(20_000, "training examples of synthetic tasks")
-    n_test: int = _field(5000, "test examples of synthetic tasks")
-    augment: str = _field("auto", "training-image augmentation", AUGMENTS)
-    width: int = _field(256, "hidden layer size (mlp)")
-    depth: int = _field(2, "number of hidden layers (mlp)")
-    activation: str = _field(
+    rule: str = field("fa", "learning rule", RULES)
+    model: str = field("mlp", "the network", MODELS)
+    dataset: str = field("mnist", "the task", DATASETS)
+    data_dir: str | None = field(None, "folder of the data files")
+    limit: int | None = field(None, "read only this many train/test images")
+    val_size: int = field(5000, "training examples held out")
+    n_train: int = field(20_000, "training examples of synthetic tasks")
+    n_test: int = field(5000, "test examples of synthetic tasks")
+    augment: str = field("auto", "training-image augmentation", AUGMENTS)
+    width: int | None = field(
+        None, "hidden layer size (mlp: 256) or residual width (transformer: 128)"
+    )
+    depth: int | None = field(None, "hidden layers (mlp: 2) or blocks (transformer: 4)")
+    context: int = field(128, "sequence length (transformer)")
+    heads: int = field(4, "attention heads per block (transformer)")
+    dfa_placement: str = field(
+        "macro", "where the transformer's DFA points go (dfa)", PLACEMENTS
+    )
+    activation: str = field(
         "auto",
         "hidden activation; auto: tanh for lenet, relu otherwise",
         ("auto", *ACTIVATIONS),
     )
-    loss: str = _field(
+    loss: str = field(
         "auto",
         "per-example loss; auto: cross_entropy (classification), squared_error",
         ("auto", *LOSSES),
     )
-    init: str = _field("default", "initialisation (akrout: mlp only)", INITS)
-    optimizer: str = _field("adam", "optimiser", OPTIMIZERS)
-    lr: float = _field(1e-3, "peak learning rate")
-    bias_lr_scale: float = _field(1.0, "factor of the biases' updates")
-    schedule: str = _field("constant", "learning-rate schedule", SCHEDULES)
-    warmup_epochs: int = _field(0, "linear warm-up epochs")
-    weight_decay: float = _field(0.0, "weight decay, in [0, 1)")
-    batch_size: int = _field(64, "examples per step")
-    shuffle: bool = _field(True, "a new order of the training set every epoch")
-    devices: int = _field(1, "devices to split each batch over (data parallel)")
-    epochs: int = _field(10, "epochs to train")
-    seed: int = _field(0, "seed of every random choice")
-    feedback_scale: float = _field(1.0, "scale of random feedback")
-    mirror_lr: float = _field(0.005, "weight mirror learning rate (wm)")
-    mirror_noise: float = _field(1.0, "weight mirror noise scale (wm)")
-    mirror_decay: float = _field(1.0, "weight mirror decay of B (wm)")
-    mirror_batch: int = _field(256, "weight mirror noise vectors (wm)")
-    mirror_steps_before: int = _field(0, "weight mirror steps before training (wm)")
-    metrics_batch: int = _field(1000, "examples for alignment metrics")
-    conv_path: str = _field(
+    init: str = field("default", "initialisation (akrout: mlp only)", INITS)
+    optimizer: str = field("adam", "optimiser", OPTIMIZERS)
+    lr: float = field(1e-3, "peak learning rate")
+    bias_lr_scale: float = field(1.0, "factor of the biases' updates")
+    schedule: str = field("constant", "learning-rate schedule", SCHEDULES)
+    warmup_epochs: int = field(0, "linear warm-up epochs")
+    weight_decay: float = field(0.0, "weight decay, in [0, 1)")
+    batch_size: int = field(64, "examples per step")
+    shuffle: bool = field(True, "a new order of the training set every epoch")
+    devices: int = field(1, "devices to split each batch over (data parallel)")
+    epochs: int = field(10, "epochs to train")
+    seed: int = field(0, "seed of every random choice")
+    feedback_scale: float = field(1.0, "scale of random feedback")
+    mirror_lr: float = field(0.005, "weight mirror learning rate (wm)")
+    mirror_noise: float = field(1.0, "weight mirror noise scale (wm)")
+    mirror_decay: float = field(1.0, "weight mirror decay of B (wm)")
+    mirror_batch: int = field(256, "weight mirror noise vectors (wm)")
+    mirror_steps_before: int = field(0, "weight mirror steps before training (wm)")
+    metrics_batch: int = field(1000, "examples for alignment metrics")
+    conv_path: str = field(
         "auto", "how convolutions are computed (auto: im2col on CPU)", CONV_PATHS
     )
-    out: str | None = _field(None, "output folder")
+    out: str | None = field(None, "output folder")
 
     def __post_init__(self):
         self._check_types()
+        own_width, own_depth = _SIZES.get(self.model, _SIZES["mlp"])
+        if self.width is None:  # resolved here, as `activation` below
+            object.__setattr__(self, "width", own_width)
+        if self.depth is None:
+            object.__setattr__(self, "depth", own_depth)
         if self.activation == "auto":
             # Resolved here, so that config.json and resume see the activation used.
             own = "tanh" if self.model == "lenet" else "relu"
@@ -276,7 +253,7 @@ class TrainConfig:
 
     def _check_types(self) -> None:
         for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), f.type)
+            check_type(f.name, getattr(self, f.name), f.type)
             choices = f.metadata.get("choices")
             if choices is not None:
                 check_choice(f.name, getattr(self, f.name), choices)
@@ -303,6 +280,8 @@ class TrainConfig:
             n_train=self.n_train,
             n_test=self.n_test,
             width=self.width,
+            context=self.context,
+            heads=self.heads,
             batch_size=self.batch_size,
             devices=self.devices,
             epochs=self.epochs,
@@ -325,9 +304,43 @@ class TrainConfig:
         )
         check_non_negative_number(mirror_decay=self.mirror_decay)
 
+    def _check_text(self) -> None:
+        texts = ", ".join(TEXT_DATASETS)
+        if self.text != (self.model == "transformer"):
+            if self.text:
+                raise ConfigError(
+                    "model",
+                    f"a text data set ({self.dataset}) needs model transformer, "
+                    f"got {self.model!r}.",
+                )
+            raise ConfigError(
+                "dataset",
+                f"the transformer is a language model: it needs a text data set "
+                f"({texts}), got {self.dataset!r}.",
+            )
+        if self.dataset == "text" and self.data_dir is None:
+            raise ConfigError("data_dir", "is needed for dataset text (*.txt files).")
+        assert self.width is not None  # resolved on construction
+        if self.text and self.width % self.heads:
+            raise ConfigError(
+                "heads", f"must divide width ({self.width}), got {self.heads}."
+            )
+        if self.text and self.loss != "cross_entropy":
+            raise ConfigError(
+                "loss", f"must be cross_entropy for a text data set, got {self.loss!r}."
+            )
+        if self.text and (self.schedule != "constant" or self.warmup_epochs):
+            # Their steps depend on the corpus' length, unknown before it is read.
+            raise ConfigError(
+                "schedule",
+                "must be constant, without warm-up, for a text data set.",
+            )
+
     def _check_data(self) -> None:
+        self._check_text()
         images = ", ".join(IMAGE_SIZES)
-        if self.model not in ("mlp", "custom") and self.dataset not in IMAGE_SIZES:
+        conv_net = self.model not in ("mlp", "custom", "transformer")
+        if conv_net and self.dataset not in IMAGE_SIZES:
             raise ConfigError(
                 "model",
                 f"{self.model} is a conv net: it needs an image data set "
@@ -353,6 +366,8 @@ class TrainConfig:
 
     def _check_batch(self) -> None:
         check_batch_split(self.batch_size, self.devices, f"devices ({self.devices})")
+        if self.text:  # checked against the corpus once it is read
+            return
         n_train = self.split_sizes[0]
         if self.batch_size > n_train:
             raise ConfigError(
@@ -373,12 +388,22 @@ class TrainConfig:
 
     @property
     def steps_per_epoch(self) -> int:
+        """Optimiser steps per epoch; 0 for a text corpus, whose length is known
+        only once it is read (its runs keep a constant learning rate)."""
+        if self.text:
+            return 0
         return self.split_sizes[0] // self.batch_size
 
     @property
+    def text(self) -> bool:
+        """Whether the data set is a character corpus (a language model's)."""
+        return self.dataset in TEXT_DATASETS
+
+    @property
     def classification(self) -> bool:
-        """Whether the task is classification (else regression)."""
-        return self.dataset in IMAGE_SIZES
+        """Whether the task is classification (else regression); the next
+        character of a text is one class of its vocabulary."""
+        return self.dataset in IMAGE_SIZES or self.text
 
     @property
     def augment_pad(self) -> int:

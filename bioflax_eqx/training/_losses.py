@@ -65,6 +65,14 @@ def squared_error(
     return jnp.mean(jnp.square(output - target))
 
 
+def token_cross_entropy(
+    logits: Float[Array, "seq classes"], targets: Int[Array, " seq"]
+) -> Float[Array, ""]:
+    """The mean over a sequence's positions of each next token's softmax
+    cross-entropy (in nats): the trainer's loss for a language model."""
+    return jnp.mean(jax.vmap(cross_entropy)(logits, targets))
+
+
 LOSS_FUNCTIONS: dict[str, Callable[[Array, Array], Array]] = {
     "cross_entropy": cross_entropy,
     "sigmoid_cross_entropy": sigmoid_cross_entropy,
@@ -73,10 +81,13 @@ LOSS_FUNCTIONS: dict[str, Callable[[Array, Array], Array]] = {
 
 
 def loss_for(config: TrainConfig) -> Callable[[Array, Array], Array]:
-    """The configuration's per-example loss."""
+    """The configuration's per-example loss (per sequence, for text)."""
+    if config.text:
+        return token_cross_entropy
     return LOSS_FUNCTIONS[config.loss]
 
 
-def hits(outputs: Array, labels: Array) -> Float[Array, " batch"]:
-    """1 where the largest output is the label's, else 0, per example."""
+def hits(outputs: Array, labels: Array) -> Float[Array, " *batch"]:
+    """1 where the largest output is the label's, else 0, per example (and
+    position, for text)."""
     return (jnp.argmax(outputs, axis=-1) == labels).astype(jnp.float32)

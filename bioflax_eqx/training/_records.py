@@ -48,6 +48,9 @@ class TrainResult:
         a model without state.
     - `history`: one dict per epoch, the lines of `metrics.jsonl`.
     - `summary`: the contents of `summary.json`.
+    - `characters`: for a text data set, the vocabulary's characters (id `i + 1`
+        is `characters[i]`, id 0 the unknown symbol; see
+        [`bioflax_eqx.TextCorpus`][]), else `None`.
     """
 
     config: TrainConfig
@@ -55,6 +58,7 @@ class TrainResult:
     history: list[dict[str, Any]]
     summary: dict[str, Any]
     state: Any = None
+    characters: str | None = None
 
 
 def json_float(value: Any) -> float | None:
@@ -98,7 +102,9 @@ def epoch_record(
 def postfix(record: dict[str, Any]) -> dict[str, str]:
     """What the progress bar shows of an epoch's record."""
     shown = {"loss": "train_loss", "val": "val_acc", "test": "test_acc"}
-    if record.get("test_acc") is None:
+    if "test_bpc" in record:
+        shown = {"loss": "train_loss", "val bpc": "val_bpc", "test bpc": "test_bpc"}
+    elif record.get("test_acc") is None:
         shown = {"loss": "train_loss", "val": "val_loss", "test": "test_loss"}
     shown["∠grad"] = "grad_angle/global"
     return {
@@ -174,9 +180,13 @@ def _n_params(model: PyTree) -> tuple[int, int]:
 
 
 def summary(
-    config: TrainConfig, model: Any, history: list[dict[str, Any]]
+    config: TrainConfig,
+    model: Any,
+    history: list[dict[str, Any]],
+    characters: str | None = None,
 ) -> dict[str, Any]:
-    """The contents of `summary.json`."""
+    """The contents of `summary.json` (with a text data set's vocabulary, to
+    decode what the model writes)."""
     final = history[-1]
     trainable, fixed = _n_params(model)
     summary = {
@@ -192,6 +202,8 @@ def summary(
         "n_params": trainable,
         "n_fixed_feedback_params": fixed,
     }
+    if characters is not None:
+        summary["characters"] = characters
     val = [r for r in history if r.get("val_acc") is not None]
     if val:
         best = max(val, key=lambda r: r["val_acc"])
@@ -205,9 +217,17 @@ def finish(
     model: Any,
     state: Any,
     history: list[dict[str, Any]],
+    characters: str | None = None,
 ) -> TrainResult:
     """The run's result; in `out` (if any) its summary and plots."""
-    result = TrainResult(config, model, history, summary(config, model, history), state)
+    result = TrainResult(
+        config,
+        model,
+        history,
+        summary(config, model, history, characters),
+        state,
+        characters,
+    )
     if out is not None:
         write_json(out / SUMMARY_NAME, result.summary)
         if plots_available():

@@ -19,12 +19,13 @@ import jax
 from jax.sharding import Mesh
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from ..data import Dataset
+from ..data import Dataset, TextCorpus
 from . import _compiled
 from ._build import check_custom, initial_model, load_data
-from ._checkpoint import load_state, read_header, save_checkpoint
+from ._checkpoint import CheckpointError, load_state, read_header, save_checkpoint
 from ._config import ConfigError, TrainConfig, io_shapes
 from ._extras import progress
+from ._language import evaluate_text, load_corpus, text_evaluation_data, text_record
 from ._mesh import is_primary, make_mesh, replicated
 from ._optimizer import optimizer, partition
 from ._records import (
@@ -60,6 +61,7 @@ class _Training:
     rng: PRNGKeyArray
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     elapsed: float = 0.0
+    characters: str | None = None  # a text data set's vocabulary
 
     @property
     def model(self) -> Any:
@@ -76,13 +78,17 @@ def _fresh(
     train_key: PRNGKeyArray,
     model: Any,
     state: Any,
+    characters: str | None = None,
 ) -> _Training:
     """The run before its first epoch: the model built from `model_key` (or the
-    custom `model` and `state`), the optimiser's initial state, and `train_key`."""
-    model, state = initial_model(config, model_key, model, state)
+    custom `model` and `state`; a language model's output is the vocabulary of
+    `characters` and the unknown symbol), the optimiser's initial state, and
+    `train_key`."""
+    vocab_size = None if characters is None else len(characters) + 1
+    model, state = initial_model(config, model_key, model, state, vocab_size)
     params, static = partition(model)
     opt_state = optimizer(config).init(params)
-    return _Training(params, static, state, opt_state, train_key)
+    return _Training(params, static, state, opt_state, train_key, characters=characters)
 
 
 def _restore(training: _Training, folder: pathlib.Path, payload: bytes) -> _Training:
@@ -220,23 +226,27 @@ class _Run:
         data_key, model_key, train_key, metrics_key = jax.random.split(
             jax.random.key(config.seed), 4
         )
-        training = _fresh(config, model_key, train_key, model, state)
+        # A corpus first: its vocabulary sizes the model. Read before anything is
+        # written, as every data set: a missing one leaves no folder behind.
+        corpus = load_corpus(config) if config.text else None
+        characters = None if corpus is None else corpus.characters
+        training = _fresh(config, model_key, train_key, model, state, characters)
         if checkpoint is not None:
             training = self._resume(training, *checkpoint)
         if len(training.history) == config.epochs:  # resuming a finished run
             if writes is not None:
                 write_json(writes / CONFIG_NAME, config.to_dict())
-            return finish(
-                config, writes, training.model, training.state, training.history
-            )
-        # Before anything is written: a missing data set leaves no folder behind.
-        data = load_data(config, data_key)
+            return self._finish(training)
+        data = corpus if corpus is not None else load_data(config, data_key)
         if writes is not None:
             writes.mkdir(parents=True, exist_ok=True)
             write_json(writes / CONFIG_NAME, config.to_dict())
-        (n_features,), n_outputs = io_shapes(config)
-        if (data.n_features, data.n_outputs) != (n_features, n_outputs):
-            raise RuntimeError(f"{config.dataset} does not have the expected shapes.")
+        if isinstance(data, Dataset):
+            (n_features,), n_outputs = io_shapes(config)
+            if (data.n_features, data.n_outputs) != (n_features, n_outputs):
+                raise RuntimeError(
+                    f"{config.dataset} does not have the expected shapes."
+                )
         start = len(training.history)
         with progress(config, start, self.quiet or writes is None) as bar:
             for record in self._epochs(training, data, metrics_key):
@@ -246,12 +256,28 @@ class _Run:
                 bar.set_postfix(postfix(record), refresh=True)
                 if self.callback is not None:
                     self.callback(record)
-        return finish(config, writes, training.model, training.state, training.history)
+        return self._finish(training)
+
+    def _finish(self, training: _Training) -> TrainResult:
+        return finish(
+            self.config,
+            self.writes,
+            training.model,
+            training.state,
+            training.history,
+            training.characters,
+        )
 
     def _resume(
         self, training: _Training, header: dict[str, Any], payload: bytes
     ) -> _Training:
         assert self.out is not None  # resuming needs `out` (checked by `train`)
+        saved = header.get("characters")
+        if saved != training.characters:
+            raise CheckpointError(
+                f"the checkpoint in {self.out} was trained on a corpus of another "
+                "vocabulary than the one read now; resume on the same text."
+            )
         training = _restore(training, self.out, payload)
         training.history = list(header["history"])
         training.elapsed = float(header["elapsed_s"])
@@ -272,19 +298,33 @@ class _Run:
             "elapsed_s": training.elapsed,
             "history": training.history,
         }
+        if training.characters is not None:
+            header["characters"] = training.characters
         save_checkpoint(writes, header, training.arrays())
         write_history(writes, training.history)
 
     def _epochs(
-        self, training: _Training, data: Dataset, metrics_key: PRNGKeyArray
+        self,
+        training: _Training,
+        data: Dataset | TextCorpus,
+        metrics_key: PRNGKeyArray,
     ) -> Iterator[dict[str, Any]]:
         """Trains the remaining epochs, updating `training` in place; yields each
         epoch's record once `training` holds the epoch's result."""
         config, mesh = self.config, self.mesh
         setup = _compiled.make_setup(config, training.model, training.state, mesh)
-        names, splits, fixed, metrics_key = _evaluation_data(
-            config, data, metrics_key, mesh
-        )
+        if isinstance(data, TextCorpus):
+            names, splits, fixed, metrics_key = text_evaluation_data(
+                config, data, metrics_key, mesh
+            )
+            train_x, train_y = replicated(data.train, mesh), None
+            evaluate = evaluate_text
+        else:
+            names, splits, fixed, metrics_key = _compiled.evaluation_data(
+                config, data, metrics_key, mesh
+            )
+            train_x, train_y = replicated((data.train.x, data.train.y), mesh)
+            evaluate = _compiled.evaluate
         # Data parallel: the model, its state and the optimiser's replicated on
         # every device (whether fresh or from a checkpoint of any device count), and
         # so is the data, of which each device takes its part of every batch.
@@ -292,7 +332,6 @@ class _Run:
         t.params, t.static, t.opt_state, t.state = replicated(
             (t.params, t.static, t.opt_state, t.state), mesh
         )
-        train_x, train_y = replicated((data.train.x, data.train.y), mesh)
         for epoch in range(len(t.history) + 1, config.epochs + 1):
             t0 = time.perf_counter()
             t.rng, epoch_key = jax.random.split(t.rng)
@@ -311,11 +350,14 @@ class _Run:
             if not finite:
                 raise self._diverged(epoch, loss)
             t.params, t.state, t.opt_state = params, state, opt_state
-            evaluated, alignment = _compiled.evaluate(
+            evaluated, alignment = evaluate(
                 t.params, t.state, splits, *fixed, metrics_key, t.static, setup
             )
             record = epoch_record(config, epoch, loss, acc, dict(zip(names, evaluated)))
             record.update({k: json_float(v) for k, v in alignment.items()})
+            if config.text:
+                assert config.depth is not None  # resolved on construction
+                record.update(text_record(record, config.depth))
             t2 = time.perf_counter()
             t.elapsed += t2 - t0
             record.update(
@@ -335,21 +377,6 @@ class _Run:
             f"became NaN or infinite (mean loss {float(loss)}); {kept}. Try a "
             "smaller learning rate (--lr)."
         )
-
-
-def _evaluation_data(
-    config: TrainConfig, data: Dataset, key: PRNGKeyArray, mesh: Mesh | None
-) -> tuple[list[str], list[tuple[Array, Array]], tuple[Array, Array], PRNGKeyArray]:
-    """The names and arrays of the splits evaluated each epoch (those not empty),
-    the fixed batch of the alignment metrics and their key, on the devices."""
-    splits = {"val": data.val, "test": data.test}
-    splits = {name: s for name, s in splits.items() if s.x.shape[0] > 0}
-    arrays = [replicated((s.x, s.y), mesh) for s in splits.values()]
-    # A fixed batch for the metrics, so that epochs are comparable.
-    source = data.val if data.val.x.shape[0] > 0 else data.train
-    fixed = (source.x[: config.metrics_batch], source.y[: config.metrics_batch])
-    fixed, key = replicated((fixed, key), mesh)
-    return list(splits), arrays, fixed, key
 
 
 def load_run(
@@ -372,10 +399,13 @@ def load_run(
     header, payload = read_header(folder)
     config = TrainConfig.from_dict(header["config"])
     check_custom(config, model)
+    characters = header.get("characters")  # a text data set's vocabulary
     with jax.numpy_dtype_promotion("standard"):
         keys = jax.random.split(jax.random.key(config.seed), 4)
-        fresh = _fresh(config, keys[1], keys[2], model, state)
+        fresh = _fresh(config, keys[1], keys[2], model, state, characters)
         trained = _restore(fresh, folder, payload)
     history = list(header["history"])
-    result = summary(config, trained.model, history)
-    return TrainResult(config, trained.model, history, result, trained.state)
+    result = summary(config, trained.model, history, characters)
+    return TrainResult(
+        config, trained.model, history, result, trained.state, characters
+    )
