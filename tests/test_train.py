@@ -19,6 +19,7 @@ import pytest
 
 import bioflax_eqx as bfx
 from bioflax_eqx import models
+from bioflax_eqx.data import IMAGE_SHAPES
 from bioflax_eqx.training import _checkpoint, _compiled, _config, _optimizer
 from bioflax_eqx.training._build import build_model
 
@@ -729,59 +730,49 @@ def test_cifar10_trains_with_seeded_augmentation(tmp_path, cifar_dir):
     assert runs["a"].history[-1]["test_acc"] is not None
 
 
-def test_the_step_augments_exactly_as_augment_images(tmp_path, cifar_dir):
-    config = _cifar(tmp_path, cifar_dir, rule="bp")
+# CIFAR-10's default (4 pixels of padding, flips) and MNIST's 2-pixel shifts.
+AUGMENT_CASES = [("cifar10", "shift-flip", 4), ("mnist", "shift", 2)]
+AUGMENT_CASES += [("mnist", "shift-flip", 2)]
+
+
+@pytest.mark.parametrize("dataset, augment, pad", AUGMENT_CASES)
+def test_the_step_augments_exactly_as_augment_images(
+    tmp_path, cifar_dir, mnist_dir, dataset, augment, pad
+):
+    if dataset == "cifar10":
+        config = _cifar(tmp_path, cifar_dir, rule="bp", augment=augment)
+    else:
+        config = bfx.TrainConfig(
+            model="lenet",
+            rule="bp",
+            data_dir=str(mnist_dir),
+            augment=augment,
+            limit=50,
+            val_size=10,
+            batch_size=8,
+            epochs=1,
+            out=str(tmp_path),
+        )
+    assert config.augment_pad == pad
+    shape = IMAGE_SHAPES[dataset]
     model, state = _build_with_state(config)
     setup = _compiled.make_setup(config, model, state)
-    x = jax.random.normal(jax.random.key(3), (4, 3072), jnp.float32)
+    x = jax.random.uniform(jax.random.key(3), (4, math.prod(shape)), jnp.float32)
     y = jnp.arange(4, dtype=jnp.int32)
     key = jax.random.key(4)
     with jax.numpy_dtype_promotion("standard"):
         loss, _ = _compiled.step_loss(setup)(model, None, x, y, key)
         augment_key, model_key = jax.random.split(key)
-        images = bfx.augment_images(augment_key, x, (3, 32, 32))
+        flip = augment == "shift-flip"
+        images = bfx.augment_images(augment_key, x, shape, pad=pad, flip=flip)
         assert not tree_allclose(images, x)
-        logits = jax.vmap(lambda xi: model(xi.reshape(3, 32, 32), key=model_key))(
-            images
-        )
+        logits = jax.vmap(lambda xi: model(xi.reshape(shape), key=model_key))(images)
         expected = jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[jnp.arange(4), y])
         plain = dataclasses.replace(config, augment="none")
         plain_setup = _compiled.make_setup(plain, model, state)
         unaugmented, _ = _compiled.step_loss(plain_setup)(model, None, x, y, key)
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     assert not np.isclose(loss, unaugmented)
-
-
-@pytest.mark.parametrize("augment", ["shift", "shift-flip"])
-def test_mnist_augments_by_two_pixel_shifts(tmp_path, mnist_dir, augment):
-    config = bfx.TrainConfig(
-        model="lenet",
-        rule="bp",
-        data_dir=str(mnist_dir),
-        augment=augment,
-        limit=50,
-        val_size=10,
-        batch_size=8,
-        epochs=1,
-        out=str(tmp_path),
-    )
-    assert config.augment_pad == 2
-    model, state = _build_with_state(config)
-    setup = _compiled.make_setup(config, model, state)
-    x = jax.random.uniform(jax.random.key(3), (4, 784), jnp.float32)
-    y = jnp.arange(4, dtype=jnp.int32)
-    key = jax.random.key(4)
-    with jax.numpy_dtype_promotion("standard"):
-        loss, _ = _compiled.step_loss(setup)(model, None, x, y, key)
-        augment_key, model_key = jax.random.split(key)
-        images = bfx.augment_images(
-            augment_key, x, (1, 28, 28), pad=2, flip=augment == "shift-flip"
-        )
-        logits = jax.vmap(lambda xi: model(xi.reshape(1, 28, 28), key=model_key))(
-            images
-        )
-        expected = jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[jnp.arange(4), y])
-    np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
 
 def test_augment_auto_resolves_per_data_set_and_old_runs_load():
