@@ -22,11 +22,15 @@ lint: $(STAMP)
 	$(VENV)/bin/pyright
 
 # The docs tests build the site strictly (MathJax copied from a package of the docs
-# extra). Then, as a step of its own, every notebook runs top to bottom in small-data
-# mode (nbclient).
+# extra). The trainer's tests run in a process of their own: after the ~600 tests
+# before them in one process, XLA:CPU (jax 0.10.2) crashed compiling a batch-norm
+# epoch that compiles fine in a fresh process (seen twice on 2026-12-06; open).
+# Then, as a step of its own, every notebook runs top to bottom in small-data mode
+# (nbclient).
 test: lint
 	PYTHON=$(PYTHON) bash docs/fetch_assets.sh
-	BIOFLAX_EQX_DOCS=1 $(PYTHON) -m pytest
+	BIOFLAX_EQX_DOCS=1 $(PYTHON) -m pytest --ignore=tests/test_train.py --ignore=tests/test_train_text.py
+	$(PYTHON) -m pytest tests/test_train.py tests/test_train_text.py
 	BIOFLAX_EQX_NOTEBOOKS=1 $(PYTHON) -m pytest tests/notebooks -k runs_top_to_bottom
 
 docs: $(STAMP)
