@@ -150,9 +150,9 @@ def _figures(args, histories: dict[str, list[list[dict]]]) -> list[str]:
     FIGURES.mkdir(parents=True, exist_ok=True)
 
     def mean_curve(runs: list[list[dict]], key) -> tuple[list[int], list[float]]:
-        epochs = list(range(len(runs[0])))
-        values = [statistics.mean(key(run[i]) for run in runs) for i in epochs]
-        return [i + 1 for i in epochs], values
+        rows = range(len(runs[0]))  # one per epoch, the first being epoch 1
+        values = [statistics.mean(key(run[i]) for run in runs) for i in rows]
+        return [i + 1 for i in rows], values
 
     paths = []
     layers = [("conv 1", 0), ("conv 2", 1), ("dense 120", 2), ("dense 84", 3)]
