@@ -17,6 +17,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Shaped
 from ._convert import convert
 from ._dfa import DFA
 from ._layers import is_node, linear_layers
+from ._lowering import xla_layers
 from ._rules import AbstractRule
 
 
@@ -148,6 +149,9 @@ def _signals(model, x, y, loss_fn: LossFn, key) -> tuple[list[Array], list[Array
     The errors are measured with a zero probe added to each layer's output per
     example: the gradient with respect to the probe is the error at that output.
     """
+    # The probes wrap `eqx.nn.Conv`s; a lowered one (`Im2colConv`) is restored first,
+    # since this is one plain call, outside any loop.
+    model = xla_layers(model)
     params, static = eqx.partition(model, eqx.is_inexact_array)
     layers = linear_layers(model)
     shapes: dict[int, tuple[int, ...]] = {}

@@ -299,6 +299,25 @@ def test_metrics_of_a_conv_net(getkey):
             assert float(value) == pytest.approx(0.0, abs=1e-5), name
 
 
+def test_metrics_of_a_lowered_conv_net_equal_those_of_the_original(getkey):
+    # The trainer's CPU path: convolutions as `bfx.Im2colConv`, pools as blocks.
+    net = bfx.convert(_conv_net(getkey), "fa", key=getkey())
+    x = jax.random.normal(getkey(), (6, 2, 8, 8))
+    t = jax.random.normal(getkey(), (6, 5))
+    lowered = bfx.im2col_layers(net)
+    assert any(
+        isinstance(m, bfx.Im2colConv)
+        for m in jax.tree_util.tree_leaves(
+            lowered, is_leaf=lambda m: isinstance(m, bfx.Im2colConv)
+        )
+    )
+    expected = alignment_metrics(net, x, t, _squared)
+    got = alignment_metrics(lowered, x, t, _squared)
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert float(got[name]) == pytest.approx(float(value), abs=1e-9), name
+
+
 def test_backprop_deltas_of_a_conv_net_are_its_output_cotangents(getkey):
     net = _conv_net(getkey)
     x = jax.random.normal(getkey(), (3, 2, 8, 8))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from .._lowering import lowering
+from .._lowering import im2col_layers, lowering
 from .._metrics import alignment_metrics
 from ..data import IMAGE_SHAPES, Dataset, augment_images, epoch_windows
 from ..models import BATCH_AXIS
@@ -150,15 +150,21 @@ def train_epoch(params, state, opt_state, x, y, key, static, setup: Setup):
 
 # Examples per evaluation chunk: bounds the memory of conv nets on big test sets.
 _EVAL_CHUNK = 1000
+# With convolutions as slices and one `dot` (CPU), the slices of 1000 images fall out
+# of the caches: chunks of 128 evaluated LeNet-5 on 15,000 images 1.9x faster
+# (one thread, 0.95 s against 1.81 s).
+_IM2COL_EVAL_CHUNK = 128
 
 
-def map_examples(fn: Callable, xs: PyTree, mesh: Mesh | None) -> PyTree:
-    """`lax.map(fn, xs, batch_size=_EVAL_CHUNK)` over the examples (first axis) of
-    `xs`; with a mesh, each chunk is split over its devices (the chunk rounded up to
-    a multiple of them; the remainder runs whole on every device)."""
+def map_examples(
+    fn: Callable, xs: PyTree, mesh: Mesh | None, chunk: int = _EVAL_CHUNK
+) -> PyTree:
+    """`lax.map(fn, xs, batch_size=chunk)` over the examples (first axis) of `xs`;
+    with a mesh, each chunk is split over its devices (the chunk rounded up to a
+    multiple of them; the remainder runs whole on every device)."""
     if mesh is None:
-        return jax.lax.map(fn, xs, batch_size=_EVAL_CHUNK)
-    chunk = -(-_EVAL_CHUNK // mesh.size) * mesh.size
+        return jax.lax.map(fn, xs, batch_size=chunk)
+    chunk = -(-chunk // mesh.size) * mesh.size
     n = jax.tree_util.tree_leaves(xs)[0].shape[0]
     main = n - n % chunk
     split = NamedSharding(mesh, P(DATA_AXIS))
@@ -195,6 +201,7 @@ def evaluate(params, state, splits, fixed_x, fixed_y, key, static, setup: Setup)
     # The splits are evaluated in a `lax.map` over chunks: a loop, like the epoch.
     lower, _ = lowering(config.conv_path, model, setup.mesh)
     lowered = _Applied(lower(model), state, setup.image_shape)
+    chunk = _IM2COL_EVAL_CHUNK if lower is im2col_layers else _EVAL_CHUNK
     results = []
     for x, y in splits:
 
@@ -202,7 +209,7 @@ def evaluate(params, state, splits, fixed_x, fixed_y, key, static, setup: Setup)
             output = lowered(xy[0], key=key)
             return loss_fn(output, xy[1]), output
 
-        losses, outputs = map_examples(one, (x, y), setup.mesh)
+        losses, outputs = map_examples(one, (x, y), setup.mesh, chunk)
         acc = jnp.mean(hits(outputs, y)) if config.classification else None
         results.append((jnp.mean(losses), acc))
     alignment = alignment_metrics(applied, fixed_x, fixed_y, loss_fn, key=key)
