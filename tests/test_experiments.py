@@ -76,3 +76,29 @@ def test_rate_and_epoch_are_chosen_on_validation(tmp_path):
         figure = f"docs/figures/mnist_lenet_{name}.png"
         assert (tmp_path / figure).stat().st_size > 0
         assert f"](../{figure})" in text
+
+
+def test_the_augmentation_is_chosen_by_backprops_validation(tmp_path):
+    runs = tmp_path / "runs"
+    # Flips have the better *test* accuracy, no augmentation the better validation.
+    _write_run(runs / "bp-none-lr0.003-seed0", [(0.90, 0.85), (0.92, 0.86)])
+    _write_run(runs / "bp-shift-flip-lr0.003-seed0", [(0.88, 0.99), (0.89, 0.99)])
+    _write_run(runs / "bp-none-lr0.001-seed0", [(0.80, 0.80), (0.91, 0.87)])
+    out = tmp_path / "table.md"
+    args = ["--dataset", "fashion_mnist", "--rules", "bp", "--seeds", "1"]
+    args += ["--epochs", "2", "--report-only", "--runs", str(runs), "--results"]
+    subprocess.run(
+        [sys.executable, str(SCRIPT), *args, str(out)],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+    )
+    text = out.read_text()
+    assert "| `none` | 8.00 |" in text and "| `shift-flip` | 11.00 |" in text
+    flat = " ".join(text.split())  # the protocol is a wrapped paragraph
+    assert (
+        "augmentation `none` (no augmentation; chosen among `none`, `shift-flip`"
+        in flat
+    )
+    # bp: lr 0.003 (validation 8 % against 9 %), its epoch 2: 14 % test error.
+    assert "| bp | **14.00 ± 0.00** | 9.2 | +4.80 | 8.00 ± 0.00 | 0.003 | 2 |" in text
