@@ -2,6 +2,7 @@ import functools
 import http.server
 import os
 import pathlib
+import tempfile
 import threading
 
 import jax
@@ -12,6 +13,9 @@ import pytest
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_enable_x64", True)
+# The command line keeps compiled programs under $XDG_CACHE_HOME: the tests' runs,
+# in this process or in others, keep theirs in a folder of the session's.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="bioflax_eqx_tests_")
 
 _SHARED_MNIST = (
     pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"

@@ -7,11 +7,12 @@ import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
 import bioflax_eqx as bfx
 from bioflax_eqx.training import _checkpoint, _compiled
-from bioflax_eqx.training._cli import main
+from bioflax_eqx.training._cli import compile_cache_dir, main
 
 from .test_train import SMALL
 
@@ -188,6 +189,20 @@ def test_compare_prints_one_table(tmp_path, mnist_dir, capsys):
     assert main([*args, "--rules", "fa", "bp", "--resume"]) == 0
 
 
+def test_compiled_programs_are_kept_in_the_users_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    own = jax.config.jax_compilation_cache_dir  # pyright: ignore[reportAttributeAccessIssue]
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert compile_cache_dir(False) == tmp_path / "bioflax_eqx" / "xla"
+        assert compile_cache_dir(True) is None  # --no-compile-cache
+        # A folder given to JAX (e.g. $JAX_COMPILATION_CACHE_DIR) is left as it is.
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "own"))
+        assert compile_cache_dir(False) is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", own)
+
+
 @pytest.fixture(scope="module")
 def train_help() -> subprocess.CompletedProcess:
     """`python -m bioflax_eqx train --help`, run once for the tests that read it."""
@@ -242,15 +257,21 @@ def test_the_command_runs_without_tqdm_and_matplotlib(quiet, tmp_path, mnist_dir
     args = _args(tmp_path / "run", mnist_dir, "--model", model, epochs=1)
     if not quiet:
         args.remove("--quiet")
+    if not quiet:
+        args.append("--no-compile-cache")
+    cache = tmp_path / "cache"
     result = subprocess.run(
         [sys.executable, "-c", _WITHOUT_EXTRAS, *args],
         capture_output=True,
         text=True,
         timeout=600,
         check=False,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "XDG_CACHE_HOME": str(cache)},
     )
     assert result.returncode == 0, result.stderr
+    # XLA's compiled programs kept for the next run, unless told not to.
+    kept = cache / "bioflax_eqx" / "xla"
+    assert (kept.is_dir() and any(kept.iterdir())) == quiet
     assert "Traceback" not in result.stderr
     # Said once; the run is complete, without the plots.
     assert result.stderr.count("plots skipped: matplotlib is not installed") == 1
