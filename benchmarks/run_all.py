@@ -8,8 +8,9 @@ From the repository root, with the library and PyTorch in one environment:
     .venv-bench/bin/pip install -e . torch==2.13.0
     .venv-bench/bin/python -m benchmarks.run_all
 
-About 20 minutes on 2 cores. The scripts (`mlp.py`: MLPs; `conv.py`: LeNet-5, with
-`conv_ops.py`'s table of each convolution's and pool's ops on both paths;
+About 30 minutes on 2 cores. The scripts (`mlp.py`: MLPs; `conv.py`: LeNet-5, with
+`conv_ops.py`'s table of each convolution's and pool's ops on both paths; `cli.py`:
+`bioflax-eqx train --model lenet --epochs 1` as a whole process against PyTorch's;
 `devices.py`: data-parallel epochs on 1, 2 and 4 simulated devices) share
 `_timing.py`: every measurement is interleaved with those it is compared with (a
 fresh random order each round) and reported as a median, and every ratio in the
@@ -27,7 +28,7 @@ import resource
 import sys
 from collections.abc import Sequence
 
-from . import _timing as T, _torch, conv, devices, mlp
+from . import _timing as T, _torch, cli, conv, devices, mlp
 
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results.md"
@@ -50,11 +51,14 @@ def run(
     conv_lines, conv_verdicts = conv.run(
         conv.SMOKE if smoke else conv.FULL, data_dir, use_torch
     )
+    cli_lines, cli_verdicts = cli.run(
+        cli.SMOKE if smoke else cli.FULL, data_dir, use_torch
+    )
     devices_lines, _ = devices.run(
         devices.SMOKE if smoke else devices.FULL, data_dir, use_torch
     )
     load_end = T.load()
-    verdicts = mlp_verdicts + conv_verdicts
+    verdicts = mlp_verdicts + conv_verdicts + cli_verdicts
 
     mode = " (smoke run: tiny sizes, not a measurement)" if smoke else ""
     lines = [f"# Benchmarks{mode}\n"]
@@ -77,6 +81,8 @@ def run(
     lines += mlp_lines
     add("## LeNet-5\n")
     lines += conv_lines
+    add("## `bioflax-eqx train`, start to exit\n")
+    lines += cli_lines
     add("## Many devices\n")
     lines += devices_lines
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10

@@ -2,6 +2,7 @@
 timing is asserted: the speed targets are checked in the benchmark's own report."""
 
 import importlib
+import json
 import pathlib
 import subprocess
 import sys
@@ -22,6 +23,7 @@ def scripts():
         "mlp",
         "conv_ops",
         "conv",
+        "cli",
         "devices",
         "run_all",
         "transformer",
@@ -41,6 +43,7 @@ def test_smoke_run_writes_a_report(scripts, tmp_path, mnist_dir):
         "### MLP 784-16-10",
         "### Whole MNIST epochs, MLP 784-16-10",
         "## LeNet-5",
+        "## `bioflax-eqx train`, start to exit",
         "## Many devices",
     ):
         assert section in text
@@ -50,6 +53,9 @@ def test_smoke_run_writes_a_report(scripts, tmp_path, mnist_dir):
     assert "| kp gradient ≤ 1.05× BP, MLP 784-16-10 |" in targets
     mlp, lenet = text.split("## LeNet-5")
     lenet, devices = lenet.split("## Many devices")
+    lenet, command = lenet.split("## `bioflax-eqx train`")
+    # The command ran as a process of its own and recorded its epoch's times.
+    assert "| fa | " in command and "PyTorch was not run" in command
     # The smoke run: 2 simulated devices, in a process of their own.
     assert "functional scaling only" in devices
     assert "| fa | " in devices and "(1.00×) |" in devices
@@ -129,3 +135,21 @@ def test_transformer_smoke_run(scripts, tmp_path):
     for rule in ("fa", "dfa-macro"):
         assert f"| {rule} | " in text
     assert "| dfa-macro step ≤ 0.90× BP, Transformer" in text
+
+
+def test_torch_side_of_the_command_line(mnist_dir):
+    """`_torch_cli.py`, the PyTorch process `cli.py` times, runs and reports."""
+    pytest.importorskip("torch")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks._torch_cli", "--rule", "fa"]
+        + ["--data-dir", str(mnist_dir), "--limit", "256", "--val-size", "64"]
+        + ["--batch-size", "32"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout.splitlines()[-1])
+    assert record["n_train"] == 192
+    assert record["train_time_s"] > 0 and 0 <= record["test_acc"] <= 1
