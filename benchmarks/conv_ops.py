@@ -89,7 +89,7 @@ def lines(batch: int, repeats: int) -> list[str]:
                 g_shape = jax.eval_shape(lambda x: jax.vmap(model)(x), x).shape
                 g = jax.random.normal(jax.random.key(2), g_shape, T.DTYPE)
                 for where, fn in (("plain", op), ("scan", _in_scan(op))):
-                    compiled = eqx.filter_jit(fn).lower(model, x, g).compile()
+                    compiled = eqx.filter_jit(fn).lower(model, x, g).compile()  # pyright: ignore[reportFunctionMemberAccess]
                     call = (lambda c, m, x, g: lambda: c(m, x, g))(
                         compiled, model, x, g
                     )

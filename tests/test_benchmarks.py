@@ -22,6 +22,7 @@ def scripts():
         "mlp",
         "conv_ops",
         "conv",
+        "cifar",
         "devices",
         "run_all",
         "transformer",
@@ -41,6 +42,9 @@ def test_smoke_run_writes_a_report(scripts, tmp_path, mnist_dir):
         "### MLP 784-16-10",
         "### Whole MNIST epochs, MLP 784-16-10",
         "## LeNet-5",
+        "## VGG and ResNet-20 (CIFAR-shaped)",
+        "### VGG",
+        "### ResNet-20",
         "## Many devices",
     ):
         assert section in text
@@ -48,8 +52,10 @@ def test_smoke_run_writes_a_report(scripts, tmp_path, mnist_dir):
     assert "## Targets" not in text
     targets = (tmp_path / "targets.md").read_text()
     assert "| kp gradient ≤ 1.05× BP, MLP 784-16-10 |" in targets
+    assert "| fa ResNet-20 epoch ≤ 1.05× BP |" in targets
     mlp, lenet = text.split("## LeNet-5")
-    lenet, devices = lenet.split("## Many devices")
+    lenet, cifar = lenet.split("## VGG and ResNet-20")
+    cifar, devices = cifar.split("## Many devices")
     # The smoke run: 2 simulated devices, in a process of their own.
     assert "functional scaling only" in devices
     assert "| fa | " in devices and "(1.00×) |" in devices
@@ -60,6 +66,8 @@ def test_smoke_run_writes_a_report(scripts, tmp_path, mnist_dir):
     # Every ratio is relative to backprop, measured in the same run.
     assert "| bp | 1.00× | 1.00× |" in mlp
     assert "| bp | 1.00× | 1.00× | 1.00× |" in lenet
+    for net in cifar.split("### ")[1:]:  # VGG, ResNet-20: their epochs
+        assert "| bp | 1.00× |" in net and "| fa | " in net
 
 
 def test_smoke_never_overwrites_the_results(scripts):
