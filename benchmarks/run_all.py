@@ -8,17 +8,19 @@ From the repository root, with the library and PyTorch in one environment:
     .venv-bench/bin/pip install -e . torch==2.13.0
     .venv-bench/bin/python -m benchmarks.run_all
 
-About 30 minutes on 2 cores. The scripts (`mlp.py`: MLPs; `conv.py`: LeNet-5, with
-`conv_ops.py`'s table of each convolution's and pool's ops on both paths; `cli.py`:
-`bioflax-eqx train --model lenet --epochs 1` as a whole process against PyTorch's;
-`devices.py`: data-parallel epochs on 1, 2 and 4 simulated devices) share
-`_timing.py`: every measurement is interleaved with those it is compared with (a
-fresh random order each round) and reported as a median, and every ratio in the
-report is of two figures measured side by side in this run. Epochs run through the
-library's own `bfx.train_epoch`. Without PyTorch (e.g. `.venv/bin/python -m
-benchmarks.run_all`, or `--no-torch`) the PyTorch comparison is left out.
-`--smoke` runs tiny sizes once, in seconds (the test suite does, so that the
-scripts cannot rot); it needs `--out`, so that it never overwrites the results.
+About 45 minutes on 2 cores. The scripts (`mlp.py`: MLPs; `conv.py`: LeNet-5, with
+`conv_ops.py`'s table of each convolution's and pool's ops on both paths;
+`cifar.py`: VGG and ResNet-20 on random CIFAR-shaped images; `cli.py`: `bioflax-eqx
+train --model lenet --epochs 1` as a whole process against PyTorch's; `devices.py`:
+data-parallel epochs on 1, 2 and 4 simulated devices) share `_timing.py`: every
+measurement is interleaved with those it is compared with (a fresh random order
+each round) and reported as a median, and every ratio in the report is of two
+figures measured side by side in this run. Epochs run through the library's own
+`bfx.train_epoch` (`bfx.train_epoch_with_state` for the CIFAR nets). Without
+PyTorch (e.g. `.venv/bin/python -m benchmarks.run_all`, or `--no-torch`) the PyTorch
+comparison is left out. `--smoke` runs tiny sizes once, in a minute or two (the test
+suite does, so that the scripts cannot rot); it needs `--out`, so that it never
+overwrites the results.
 """
 
 import argparse
@@ -28,7 +30,7 @@ import resource
 import sys
 from collections.abc import Sequence
 
-from . import _timing as T, _torch, cli, conv, devices, mlp
+from . import _timing as T, _torch, cifar, cli, conv, devices, mlp
 
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results.md"
@@ -51,6 +53,9 @@ def run(
     conv_lines, conv_verdicts = conv.run(
         conv.SMOKE if smoke else conv.FULL, data_dir, use_torch
     )
+    cifar_lines, cifar_verdicts = cifar.run(
+        cifar.SMOKE if smoke else cifar.FULL, data_dir, use_torch
+    )
     cli_lines, cli_verdicts = cli.run(
         cli.SMOKE if smoke else cli.FULL, data_dir, use_torch
     )
@@ -58,7 +63,7 @@ def run(
         devices.SMOKE if smoke else devices.FULL, data_dir, use_torch
     )
     load_end = T.load()
-    verdicts = mlp_verdicts + conv_verdicts + cli_verdicts
+    verdicts = mlp_verdicts + conv_verdicts + cifar_verdicts + cli_verdicts
 
     mode = " (smoke run: tiny sizes, not a measurement)" if smoke else ""
     lines = [f"# Benchmarks{mode}\n"]
@@ -81,6 +86,8 @@ def run(
     lines += mlp_lines
     add("## LeNet-5\n")
     lines += conv_lines
+    add("## VGG and ResNet-20 (CIFAR-shaped)\n")
+    lines += cifar_lines
     add("## `bioflax-eqx train`, start to exit\n")
     lines += cli_lines
     add("## Many devices\n")

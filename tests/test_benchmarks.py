@@ -23,6 +23,7 @@ def scripts():
         "mlp",
         "conv_ops",
         "conv",
+        "cifar",
         "cli",
         "devices",
         "run_all",
@@ -43,6 +44,9 @@ def test_smoke_run_writes_a_report(scripts, tmp_path, mnist_dir):
         "### MLP 784-16-10",
         "### Whole MNIST epochs, MLP 784-16-10",
         "## LeNet-5",
+        "## VGG and ResNet-20 (CIFAR-shaped)",
+        "### VGG",
+        "### ResNet-20",
         "## `bioflax-eqx train`, start to exit",
         "## Many devices",
     ):
@@ -51,11 +55,13 @@ def test_smoke_run_writes_a_report(scripts, tmp_path, mnist_dir):
     assert "## Targets" not in text
     targets = (tmp_path / "targets.md").read_text()
     assert "| kp gradient ≤ 1.05× BP, MLP 784-16-10 |" in targets
+    assert "| fa ResNet-20 epoch ≤ 1.05× BP |" in targets
     mlp, lenet = text.split("## LeNet-5")
     lenet, devices = lenet.split("## Many devices")
     lenet, command = lenet.split("## `bioflax-eqx train`")
     # The command ran as a process of its own and recorded its epoch's times.
     assert "| fa | " in command and "PyTorch was not run" in command
+    lenet, cifar = lenet.split("## VGG and ResNet-20")
     # The smoke run: 2 simulated devices, in a process of their own.
     assert "functional scaling only" in devices
     assert "| fa | " in devices and "(1.00×) |" in devices
@@ -66,6 +72,8 @@ def test_smoke_run_writes_a_report(scripts, tmp_path, mnist_dir):
     # Every ratio is relative to backprop, measured in the same run.
     assert "| bp | 1.00× | 1.00× |" in mlp
     assert "| bp | 1.00× | 1.00× | 1.00× |" in lenet
+    for net in cifar.split("### ")[1:]:  # VGG, ResNet-20: their epochs
+        assert "| bp | 1.00× |" in net and "| fa | " in net
 
 
 def test_smoke_never_overwrites_the_results(scripts):
