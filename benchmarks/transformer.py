@@ -1,11 +1,14 @@
 """The Transformer (a character-level language model): the Adam step of every rule
-relative to backprop, DFA in both placements, and characters per second.
+relative to backprop, DFA in both placements, characters per second, and the same
+Transformer's backprop step in PyTorch.
 
     .venv-bench/bin/python -m benchmarks.transformer --out /tmp/transformer.md
 
 Windows of `../shared/data/shakespeare` (or `--data-dir`), else random tokens. WM's
 step is its learning phase (FA's); its mirror phase runs between steps and is not
-timed here. PyTorch's side of the table is still to come.
+timed here. PyTorch (where installed, unless `--no-torch`): `_torch_transformer.py`,
+eager, `torch.optim.Adam`, from our backprop model's weights, on the same batch,
+timed in the same interleaved rounds.
 """
 
 import dataclasses
@@ -18,11 +21,12 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import bioflax_eqx as bfx
 
-from . import _timing as T
+from . import _timing as T, _torch
 
 
 RULES = ("bp", "fa", "kp", "wm", "usf", "frsf", "brsf", "dfa-macro", "dfa-micro")
@@ -112,16 +116,39 @@ def compiled_step(model: bfx.Transformer, x, t) -> Callable[[], Any]:
     return carried
 
 
+def torch_step(model: bfx.Transformer, x, t) -> tuple[Callable[[], Any], str]:
+    """PyTorch's backprop step, from `model`'s weights on the same batch, and the
+    report's note on it."""
+    from . import _torch_transformer as TT
+
+    threads = _torch.info()["torch threads (intra-op / inter-op)"]
+    twin = TT.twin(model)
+    # The twin computes our function: its logits from the same weights.
+    ours = np.asarray(jax.jit(jax.vmap(model))(x))
+    gap = np.max(np.abs(TT.logits(twin, np.asarray(x)) - ours))
+    note = (
+        f"PyTorch: the same Transformer (`_torch_transformer.py`; from the same "
+        f"weights its logits are within {gap:.0e} of ours), backprop, eager, fused "
+        f"causal attention (`scaled_dot_product_attention`), "
+        f"`torch.optim.Adam({T.LR})`, {threads} threads (intra-op / inter-op)."
+    )
+    return TT.adam_step(twin, np.asarray(x), np.asarray(t)), note
+
+
 def run(
     setup: Setup, data_dir: str | None, use_torch: bool
 ) -> tuple[list[str], list[tuple[str, str, bool]]]:
-    """Times every rule's step; returns the report's lines and the verdicts."""
-    del use_torch  # the PyTorch twin is still to come
+    """Times every rule's step, and PyTorch's backprop step if `use_torch`; returns
+    the report's lines and the verdicts."""
     x, t, vocab = windows(setup, data_dir)
     print("transformer: compiling ...")
-    steps = {
-        rule: compiled_step(model_for(rule, setup, vocab), x, t) for rule in setup.rules
+    models = {rule: model_for(rule, setup, vocab) for rule in setup.rules}
+    steps: dict[str, Callable[[], Any]] = {
+        rule: compiled_step(model, x, t) for rule, model in models.items()
     }
+    torch_note = ""
+    if use_torch:
+        steps["torch"], torch_note = torch_step(models["bp"], x, t)
     print(f"transformer: timing steps ({setup.repeats} rounds) ...")
     timed = T.interleaved(steps, setup.repeats, setup.calls, seed=0)
     characters = setup.batch * setup.context
@@ -156,7 +183,19 @@ def run(
                     seconds / timed["bp"] <= limit,
                 )
             )
-    return lines, verdicts
+    if use_torch:
+        seconds = timed["torch"]
+        lines.append(
+            f"| bp, PyTorch | {1e3 * seconds:.2f} | "
+            f"{T.ratio(seconds, timed['bp'])} | {characters / seconds:,.0f} |"
+        )
+        lines += [
+            "",
+            f"PyTorch step / JAX step (BP): {T.ratio(timed['torch'], timed['bp'])}.",
+            "",
+            torch_note,
+        ]
+    return lines + [""], verdicts
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -25,6 +25,52 @@ def _split(key: PRNGKeyArray | None, n: int) -> Sequence[PRNGKeyArray | None]:
     return [None] * n if key is None else list(jax.random.split(key, n))
 
 
+class RowLinear(eqx.nn.Linear):
+    """An `eqx.nn.Linear` (same fields, same initialisation, same `W x + b` on one
+    position) whose product is written `x Wᵀ`. Under `jax.vmap` over positions and
+    sequences, `W x` compiles to one product laid out `(outputs, tokens)`, which XLA
+    then transposes for its consumers; `x Wᵀ` lays it out `(tokens, outputs)`
+    directly (the Adam step ~20 % faster on CPU, every rule alike: the rules call
+    the layer they wrap, and its feedback copy, per position)."""
+
+    # The base's own: a type checker would otherwise synthesise a dataclass one.
+    __init__ = eqx.nn.Linear.__init__
+
+    def __call__(
+        self, x: Float[Array, " in_features"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, " out_features"]:
+        if "scalar" in (self.in_features, self.out_features):
+            return super().__call__(x, key=key)
+        y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
+
+
+def _rows(linear: eqx.nn.Linear) -> RowLinear:
+    """`linear` as a `RowLinear`, with its weight and bias."""
+    row = RowLinear(
+        linear.in_features,
+        linear.out_features,
+        linear.use_bias,
+        linear.weight.dtype,
+        key=jax.random.key(0),  # its draw is replaced
+    )
+    return eqx.tree_at(
+        lambda m: (m.weight, m.bias),
+        row,
+        (linear.weight, linear.bias),
+        is_leaf=lambda x: x is None,
+    )
+
+
+def _projections(attention: eqx.nn.MultiheadAttention) -> tuple:
+    return (
+        attention.query_proj,
+        attention.key_proj,
+        attention.value_proj,
+        attention.output_proj,
+    )
+
+
 def _per_position(
     layer, x: Float[Array, "seq inputs"], key: PRNGKeyArray | None
 ) -> Float[Array, "seq outputs"]:
@@ -46,8 +92,8 @@ class TransformerBlock(eqx.Module):
     attention_norm: eqx.nn.LayerNorm
     attention: eqx.nn.MultiheadAttention
     mlp_norm: eqx.nn.LayerNorm
-    up: eqx.nn.Linear
-    down: eqx.nn.Linear
+    up: RowLinear
+    down: RowLinear
 
     def __init__(self, width: int, heads: int, dtype=None, *, key: PRNGKeyArray):
         """**Arguments:**
@@ -59,12 +105,15 @@ class TransformerBlock(eqx.Module):
         """
         k_attention, k_up, k_down = jax.random.split(key, 3)
         self.attention_norm = eqx.nn.LayerNorm(width, dtype=dtype)
-        self.attention = eqx.nn.MultiheadAttention(
+        attention = eqx.nn.MultiheadAttention(
             heads, width, dtype=dtype, key=k_attention
         )
+        self.attention = eqx.tree_at(
+            _projections, attention, tuple(map(_rows, _projections(attention)))
+        )
         self.mlp_norm = eqx.nn.LayerNorm(width, dtype=dtype)
-        self.up = eqx.nn.Linear(width, 4 * width, dtype=dtype, key=k_up)
-        self.down = eqx.nn.Linear(4 * width, width, dtype=dtype, key=k_down)
+        self.up = RowLinear(width, 4 * width, dtype=dtype, key=k_up)
+        self.down = RowLinear(4 * width, width, dtype=dtype, key=k_down)
 
     def attention_sublayer(
         self, h: Float[Array, "seq width"], *, key: PRNGKeyArray | None = None
@@ -113,8 +162,9 @@ class Transformer(AbstractDFAModel):
     width, each with a residual add, `LN` a LayerNorm), and `y`
     the next-token logits at every position. A plain Equinox model:
     `bfx.convert(model, rule, key=...)` wraps every linear map (the attention's four
-    projections, the MLPs, the output projection) for FA, KP, WM, uSF, brSF and
-    frSF; the embedding, positions and norms stay on backprop.
+    projections, the MLPs, the output projection; each an `eqx.nn.Linear` computing
+    `x Wᵀ + b` per position, `RowLinear`) for FA, KP, WM, uSF, brSF and frSF; the
+    embedding, positions and norms stay on backprop.
 
     **DFA** (Launay et al. 2020). `dfa_placement="macro"` puts one
     [`bioflax_eqx.DFAFeedback`][] point after each block's residual output;
@@ -147,7 +197,7 @@ class Transformer(AbstractDFAModel):
     positions: Float[Array, "context width"]
     blocks: tuple[TransformerBlock, ...]
     norm: eqx.nn.LayerNorm
-    head: eqx.nn.Linear
+    head: RowLinear
     # DFA's points, in call order; empty for every other rule.
     feedback: tuple[DFAFeedback, ...]
 
@@ -193,7 +243,7 @@ class Transformer(AbstractDFAModel):
             TransformerBlock(width, heads, dtype, key=k) for k in k_blocks
         )
         self.norm = eqx.nn.LayerNorm(width, dtype=dtype)
-        self.head = eqx.nn.Linear(width, vocab_size, dtype=dtype, key=k_head)
+        self.head = RowLinear(width, vocab_size, dtype=dtype, key=k_head)
         self.feedback = self._points(dfa_placement, feedback_scale, k_dfa)
 
     def __check_init__(self):
