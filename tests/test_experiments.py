@@ -78,12 +78,15 @@ def test_rate_and_epoch_are_chosen_on_validation(tmp_path):
         assert f"](../{figure})" in text
 
 
-def test_the_augmentation_is_chosen_by_backprops_validation(tmp_path):
+def test_augmentation_and_batch_are_chosen_by_backprops_validation(tmp_path):
     runs = tmp_path / "runs"
-    # Flips have the better *test* accuracy, no augmentation the better validation.
-    _write_run(runs / "bp-none-lr0.003-seed0", [(0.90, 0.85), (0.92, 0.86)])
-    _write_run(runs / "bp-shift-flip-lr0.003-seed0", [(0.88, 0.99), (0.89, 0.99)])
-    _write_run(runs / "bp-none-lr0.001-seed0", [(0.80, 0.80), (0.91, 0.87)])
+    # Flips have the better *test* accuracy, no augmentation at batch 64 the better
+    # validation.
+    _write_run(runs / "bp-none-b64-lr0.003-seed0", [(0.90, 0.85), (0.92, 0.86)])
+    _write_run(runs / "bp-none-b128-lr0.003-seed0", [(0.90, 0.85), (0.91, 0.86)])
+    _write_run(runs / "bp-shift-flip-b64-lr0.003-seed0", [(0.88, 0.99), (0.89, 0.99)])
+    _write_run(runs / "bp-shift-flip-b128-lr0.003-seed0", [(0.8, 0.99), (0.8, 0.99)])
+    _write_run(runs / "bp-none-b64-lr0.001-seed0", [(0.80, 0.80), (0.91, 0.87)])
     out = tmp_path / "table.md"
     args = ["--dataset", "fashion_mnist", "--rules", "bp", "--seeds", "1"]
     args += ["--epochs", "2", "--report-only", "--runs", str(runs), "--results"]
@@ -94,11 +97,9 @@ def test_the_augmentation_is_chosen_by_backprops_validation(tmp_path):
         capture_output=True,
     )
     text = out.read_text()
-    assert "| `none` | 8.00 |" in text and "| `shift-flip` | 11.00 |" in text
+    assert "| `none` | 64 | 8.00 |" in text and "| `none` | 128 | 9.00 |" in text
+    assert "| `shift-flip` | 64 | 11.00 |" in text
     flat = " ".join(text.split())  # the protocol is a wrapped paragraph
-    assert (
-        "augmentation `none` (no augmentation; chosen among `none`, `shift-flip`"
-        in flat
-    )
+    assert "batch 64, augmentation `none` (no augmentation; augmentation among" in flat
     # bp: lr 0.003 (validation 8 % against 9 %), its epoch 2: 14 % test error.
     assert "| bp | **14.00 ± 0.00** | 9.2 | +4.80 | 8.00 ± 0.00 | 0.003 | 2 |" in text
