@@ -40,7 +40,7 @@ class RowLinear(eqx.nn.Linear):
         self, x: Float[Array, " in_features"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " out_features"]:
         if "scalar" in (self.in_features, self.out_features):
-            return super().__call__(x, key=key)
+            return eqx.nn.Linear.__call__(self, x, key=key)
         y = x @ self.weight.T
         return y if self.bias is None else y + self.bias
 
