@@ -365,6 +365,19 @@ def _report(
         else f"Beaten: {', '.join(beaten) or 'none'} points. **Missed** (mean test "
         f"error not below biotorch's): {', '.join(missed)}."
     )
+    # Runs whose best validation epoch is among the last two were still learning:
+    # where a longer budget would go.
+    late = {
+        rule: sum(_chosen(h)["epoch"] >= args.epochs - 1 for h in runs)
+        for rule, runs in histories.items()
+    }
+    still = [f"{rule} {n} of {len(histories[rule])}" for rule, n in late.items() if n]
+    if still:
+        verdict += (
+            " Runs whose best validation epoch was one of the last two of "
+            f"{args.epochs} (still improving when the schedule ended): "
+            f"{', '.join(still)}."
+        )
     cifar = (
         ""
         if args.dataset != "mnist"
