@@ -13,9 +13,22 @@ import pytest
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_enable_x64", True)
-# The command line keeps compiled programs under $XDG_CACHE_HOME: the tests' runs,
-# in this process or in others, keep theirs in a folder of the session's.
+# The command line keeps compiled programs under $XDG_CACHE_HOME: the tests' runs in
+# other processes keep theirs in a folder of the session's, not the user's.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="bioflax_eqx_tests_")
+
+
+@pytest.fixture(autouse=True)
+def _no_compile_cache_in_process(monkeypatch):
+    """`main()` called in this process leaves JAX's compilation cache off: turned on
+    halfway through a session, writing an executable to it crashed XLA:CPU
+    (segmentation fault in `put_executable_and_time`, tests/test_transformer.py,
+    after ~600 tests). A fresh `bioflax-eqx` process turns it on before compiling
+    anything (tests/test_cli.py runs one)."""
+    from bioflax_eqx.training import _cli
+
+    monkeypatch.setattr(_cli, "compile_cache_dir", lambda disabled: None)
+
 
 _SHARED_MNIST = (
     pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
