@@ -1,4 +1,5 @@
 import functools
+import gc
 import http.server
 import os
 import pathlib
@@ -16,6 +17,23 @@ jax.config.update("jax_enable_x64", True)
 # The command line keeps compiled programs under $XDG_CACHE_HOME: the tests' runs in
 # other processes keep theirs in a folder of the session's, not the user's.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="bioflax_eqx_tests_")
+
+
+_MAPS = pathlib.Path("/proc/self/maps")
+# Well under Linux's default `vm.max_map_count`, 65,530.
+_MAPS_LIMIT = 30_000
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+    """Drops JAX's compiled programs when the process holds many memory mappings.
+    XLA:CPU maps memory for every program it compiles (~200 new mappings a second
+    in these tests); one process running every file passed the kernel's limit after
+    ~600 tests and crashed with a segmentation fault while compiling."""
+    yield
+    if _MAPS.exists() and _MAPS.read_text().count("\n") > _MAPS_LIMIT:
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture(autouse=True)
