@@ -29,7 +29,8 @@ EVAL_BATCH = 1000
 
 def read_idx(folder: pathlib.Path, stem: str, limit: int | None) -> np.ndarray:
     """An IDX file of unsigned bytes (MNIST's images or labels), its first `limit`
-    entries."""
+    entries. Not `bfx.read_idx`: importing the library imports JAX, whose start-up
+    would then be timed as part of PyTorch's process."""
     path = folder / f"{stem}.gz"
     data = gzip.open(path).read() if path.is_file() else (folder / stem).read_bytes()
     ndim = data[3]
