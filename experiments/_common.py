@@ -2,7 +2,10 @@
 once finished (so an interrupted sweep continues where it stopped), and the table
 cells."""
 
+import concurrent.futures
 import json
+import multiprocessing
+import os
 import pathlib
 import statistics
 import time
@@ -28,6 +31,27 @@ def finished_run(config: bfx.TrainConfig, report_only: bool) -> dict:
     bfx.train(config, resume=resume, overwrite=not resume, quiet=True)
     print(f"{config.out}: {time.perf_counter() - start:.0f} s", flush=True)
     return json.loads(summary.read_text())
+
+
+def _run(fields: dict) -> dict:
+    """One run in a worker process (a `TrainConfig` travels as its dict)."""
+    return finished_run(bfx.TrainConfig.from_dict(fields), report_only=False)
+
+
+def train_all(
+    configs: list[bfx.TrainConfig], jobs: int, report_only: bool
+) -> list[dict]:
+    """The summaries of `configs`' runs, `jobs` at a time (one core each)."""
+    if report_only or jobs == 1:
+        return [finished_run(c, report_only) for c in configs]
+    # Spawned workers start JAX afresh; each keeps to one thread (one core).
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    )
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        return list(pool.map(_run, [c.to_dict() for c in configs]))
 
 
 def mean_std(values: list[float]) -> str:

@@ -22,18 +22,15 @@ CIFAR-10 tables instead (no run).
 """
 
 import argparse
-import concurrent.futures
 import dataclasses
 import itertools
 import json
-import multiprocessing
-import os
 import pathlib
 import platform
 import statistics
 import textwrap
 
-from _common import finished_run, mean_std, write_report
+from _common import finished_run, mean_std, train_all, write_report
 
 import bioflax_eqx as bfx
 
@@ -143,25 +140,6 @@ def _config(
     )
 
 
-def _run(fields: dict) -> dict:
-    """One run in a worker process (a `TrainConfig` travels as its dict)."""
-    return finished_run(bfx.TrainConfig.from_dict(fields), report_only=False)
-
-
-def _train_all(configs: list[bfx.TrainConfig], args) -> list[dict]:
-    """The summaries of `configs`' runs, `args.jobs` at a time."""
-    if args.report_only or args.jobs == 1:
-        return [finished_run(c, args.report_only) for c in configs]
-    # Spawned workers start JAX afresh; each keeps to one thread (one core).
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "")
-        + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    )
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-        return list(pool.map(_run, [c.to_dict() for c in configs]))
-
-
 def _history(config: bfx.TrainConfig) -> list[dict]:
     lines = (pathlib.Path(config.out or "") / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
@@ -264,13 +242,13 @@ def main() -> None:
     pilot = {s: _config(args, "bp", max(args.lrs), 0, s) for s in plan.settings}
     pilot_val: dict[tuple[str, int], float] = {}
     if len(pilot) > 1:
-        _train_all(list(pilot.values()), args)
+        train_all(list(pilot.values()), args.jobs, args.report_only)
         pilot_val = {s: _chosen(_history(c))["val_acc"] for s, c in pilot.items()}
     args.setting = max(plan.settings, key=lambda s: pilot_val.get(s, 0.0))
     args.augment, args.batch_size = args.setting
     # 1. The search: every rate for every rule, seed 0, judged on validation.
     search = {(r, lr): _config(args, r, lr, 0) for r in args.rules for lr in args.lrs}
-    _train_all(list(search.values()), args)
+    train_all(list(search.values()), args.jobs, args.report_only)
     best_val = {k: _chosen(_history(c))["val_acc"] for k, c in search.items()}
     chosen_lr = {
         r: max(args.lrs, key=lambda lr, r=r: (best_val[r, lr], -lr)) for r in args.rules
@@ -281,7 +259,7 @@ def main() -> None:
         for r in args.rules
         for s in range(1, args.seeds)
     }
-    _train_all(list(finals.values()), args)
+    train_all(list(finals.values()), args.jobs, args.report_only)
     runs = {
         r: [search[r, chosen_lr[r]]] + [finals[r, s] for s in range(1, args.seeds)]
         for r in args.rules

@@ -2,8 +2,8 @@
 `results/shakespeare_transformer.md`.
 
     python experiments/shakespeare_transformer.py \\
-        [--data-dir ../shared/data/shakespeare] [--epochs 3] [--seeds 0 1 2] \\
-        [--rules bp fa kp wm usf frsf brsf dfa-macro dfa-micro]
+        [--data-dir ../shared/data/shakespeare] [--epochs 1] [--seeds 0 1 2] \\
+        [--rules bp fa kp wm usf frsf brsf dfa-macro dfa-micro] [--jobs 2]
 
 One `bfx.TrainConfig` per rule and seed (`model="transformer"`, the library's default
 Transformer: 4 pre-norm blocks of width 128, 4 heads, context 128; Adam at 10⁻³,
@@ -11,8 +11,8 @@ batches of 64 windows), trained by `bfx.train`, DFA at both of Launay et al.
 (2020)'s placements: `dfa-macro` (a feedback point after each block) and
 `dfa-micro` (after each sub-layer). Each run is checkpointed after every epoch in
 `runs/shakespeare_transformer/<rule>-seed<seed>/`: a later call resumes the
-unfinished ones (and one with more epochs extends them); `--report-only` rewrites
-the report from disk.
+unfinished ones (and one with more epochs extends them); `--jobs 2` trains two
+runs at a time, one per core; `--report-only` rewrites the report from disk.
 
 The report: test bits per character (mean ± standard deviation over the seeds),
 validation bits per character per epoch (a figure), the angle between each
@@ -28,7 +28,7 @@ import platform
 import statistics
 
 import jax
-from _common import finished_run, mean_std, write_report
+from _common import mean_std, train_all, write_report
 
 import bioflax_eqx as bfx
 
@@ -202,7 +202,7 @@ def main() -> None:
         "--dataset", default="shakespeare", choices=["shakespeare", "text"]
     )
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rules", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--width", type=int, default=128)
@@ -216,15 +216,21 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/shakespeare_transformer")
     parser.add_argument("--results", default="results/shakespeare_transformer.md")
     parser.add_argument("--figures", default="docs/figures")
+    parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
+    configs = {v: [_config(args, v, seed) for seed in args.seeds] for v in args.rules}
+    # Seed 0 of every rule first, so an interrupted sweep already has a full table.
+    order = [configs[v][i] for i in range(len(args.seeds)) for v in args.rules]
+    done = dict(
+        zip([c.out for c in order], train_all(order, args.jobs, args.report_only))
+    )
     histories, times, samples = {}, {}, {}
     for variant in args.rules:
-        configs = [_config(args, variant, seed) for seed in args.seeds]
-        summaries = [finished_run(c, args.report_only) for c in configs]
-        histories[variant] = [_history(c) for c in configs]
+        summaries = [done[c.out] for c in configs[variant]]
+        histories[variant] = [_history(c) for c in configs[variant]]
         times[variant] = statistics.mean(s["time_per_epoch_s"] for s in summaries)
-        samples[variant] = _sample(configs[0], args.sample_length)
+        samples[variant] = _sample(configs[variant][0], args.sample_length)
     figures = _plot(histories, pathlib.Path(args.figures))
     write_report(args.results, _report(args, histories, times, samples, figures))
 
