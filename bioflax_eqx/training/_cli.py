@@ -323,8 +323,9 @@ def compile_cache_dir(disabled: bool) -> pathlib.Path | None:
 def _use_compile_cache(folder: pathlib.Path | None) -> None:
     if folder is not None:
         jax.config.update("jax_compilation_cache_dir", str(folder))
-        # JAX's default keeps only compilations over 1 s: LeNet's are 0.3-3 s on CPU.
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+        # Every program is kept: JAX's default keeps those over 1 s, but a LeNet run
+        # also compiles ~40 small ones (the weight draws among them), 1.6 s together.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def _sample(args: argparse.Namespace) -> int:
