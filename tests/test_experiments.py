@@ -2,7 +2,9 @@
 validation, never on the test set. Checked on runs written here by hand, read back by
 `experiments/lenet_tables.py --report-only`."""
 
+import collections
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -103,3 +105,41 @@ def test_augmentation_and_batch_are_chosen_by_backprops_validation(tmp_path):
     assert "batch 64, augmentation `none` (no augmentation; augmentation among" in flat
     # bp: lr 0.003 (validation 8 % against 9 %), its epoch 2: 14 % test error.
     assert "| bp | **14.00 ± 0.00** | 9.2 | +4.80 | 8.00 ± 0.00 | 0.003 | 2 |" in text
+
+
+def test_the_transformer_experiment_trains_every_variant_two_at_a_time(tmp_path):
+    """`experiments/shakespeare_transformer.py` end to end at a toy size: two runs at a
+    time (one worker process each), then the table, figures and samples."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    verse = "ROMEO: But soft, what light through yonder window breaks?\n"
+    (corpus / "a.txt").write_text(verse * 300)
+    script = SCRIPT.parent / "shakespeare_transformer.py"
+    args = ["--dataset", "text", "--data-dir", str(corpus), "--rules", "bp"]
+    args += ["dfa-macro", "dfa-micro", "--seeds", "0", "1", "--jobs", "2"]
+    args += ["--width", "16", "--depth", "1", "--heads", "2", "--context", "16"]
+    args += ["--batch-size", "16", "--sample-length", "20", "--runs", "runs"]
+    args += ["--results", "table.md", "--figures", "figures"]
+    subprocess.run(
+        [sys.executable, str(script), *args],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+    )
+    for variant in ("bp", "dfa-macro", "dfa-micro"):
+        for seed in (0, 1):
+            summary = tmp_path / "runs" / f"{variant}-seed{seed}" / "summary.json"
+            assert json.loads(summary.read_text())["status"] == "completed"
+    text = (tmp_path / "table.md").read_text()
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    by_rule = {row[0][2:]: row for row in rows[2:]}
+    assert set(by_rule) == {"bp", "dfa-macro", "dfa-micro"}
+    # One epoch (58 steps) takes backprop well below the verse's unigram entropy
+    # (4.49 bits per character).
+    counts = collections.Counter(verse)
+    unigram = -sum(c / len(verse) * math.log2(c / len(verse)) for c in counts.values())
+    bpc = float(by_rule["bp"][1].split(" ± ")[0])
+    assert 0 < bpc < unigram - 0.5
+    assert text.count("```text\nROMEO:") == 3  # a sample per variant, from the prompt
+    for name in ("curves", "alignment"):
+        assert (tmp_path / "figures" / f"shakespeare_transformer_{name}.png").exists()
