@@ -28,6 +28,7 @@ import platform
 import statistics
 
 import jax
+import numpy as np
 from _common import mean_std, train_all, write_report
 
 import bioflax_eqx as bfx
@@ -81,6 +82,16 @@ def _sample(config: bfx.TrainConfig, length: int) -> str:
     assert result.characters is not None
     key = jax.random.key(0)
     return bfx.sample(result.model, result.characters, PROMPT, length, key=key)
+
+
+def _unigram_bpc(args) -> float:
+    """The yardstick: bits per character on the test split of a model that knows
+    only the training split's character frequencies (add-one smoothed, so that the
+    unknown symbol has a probability)."""
+    corpus = bfx.load_text(args.dataset, args.data_dir)
+    counts = np.bincount(np.asarray(corpus.train), minlength=corpus.vocab_size) + 1.0
+    log2p = np.log2(counts / counts.sum())
+    return float(-log2p[np.asarray(corpus.test)].mean())
 
 
 def _depth(histories: dict[str, list[list[dict]]]) -> int:
@@ -168,7 +179,9 @@ def _verdict(histories: dict[str, list[list[dict]]]) -> str:
     )
 
 
-def _report(args, histories, times, samples, figures: list[pathlib.Path]) -> str:
+def _report(
+    args, histories, times, samples, figures: list[pathlib.Path], unigram: float
+) -> str:
     seeds = " ".join(map(str, args.seeds))
     results = pathlib.Path(args.results).parent  # the figures' links start there
     text = [
@@ -181,7 +194,9 @@ def _report(args, histories, times, samples, figures: list[pathlib.Path]) -> str
         f"windows per step, {args.epochs} epoch(s); bits per character over the "
         "whole test split (each character predicted once). ∠δ block b: the angle "
         "between the rule's error at block b's output and backprop's, at the end "
-        "(mean over seeds).",
+        "(mean over seeds). The yardstick: a unigram model (the training split's "
+        f"character frequencies) scores {unigram:.2f} bits per character on the "
+        "test split.",
         "",
         _table(histories, times),
         "",
@@ -232,7 +247,9 @@ def main() -> None:
         times[variant] = statistics.mean(s["time_per_epoch_s"] for s in summaries)
         samples[variant] = _sample(configs[variant][0], args.sample_length)
     figures = _plot(histories, pathlib.Path(args.figures))
-    write_report(args.results, _report(args, histories, times, samples, figures))
+    unigram = _unigram_bpc(args)
+    report = _report(args, histories, times, samples, figures, unigram)
+    write_report(args.results, report)
 
 
 if __name__ == "__main__":

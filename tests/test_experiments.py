@@ -140,6 +140,15 @@ def test_the_transformer_experiment_trains_every_variant_two_at_a_time(tmp_path)
     unigram = -sum(c / len(verse) * math.log2(c / len(verse)) for c in counts.values())
     bpc = float(by_rule["bp"][1].split(" ± ")[0])
     assert 0 < bpc < unigram - 0.5
+    # The yardstick, from its definition: the training split's character counts plus
+    # one (the unknown symbol's too), scored on the test split (the last 5 %).
+    whole = verse * 300
+    n_test = len(whole) // 20
+    train, test = whole[: len(whole) - 2 * n_test], whole[-n_test:]
+    smoothed = {c: train.count(c) + 1 for c in set(train)}
+    total = sum(smoothed.values()) + 1
+    yardstick = -sum(math.log2(smoothed[c] / total) for c in test) / len(test)
+    assert f"scores {yardstick:.2f} bits per character on the test split" in text
     assert text.count("```text\nROMEO:") == 3  # a sample per variant, from the prompt
     for name in ("curves", "alignment"):
         assert (tmp_path / "figures" / f"shakespeare_transformer_{name}.png").exists()
