@@ -194,7 +194,8 @@ def _report(
         f"windows per step, {args.epochs} epoch(s); bits per character over the "
         "whole test split (each character predicted once). ∠δ block b: the angle "
         "between the rule's error at block b's output and backprop's, at the end "
-        "(mean over seeds). The yardstick: a unigram model (the training split's "
+        "(mean over seeds). s/epoch: the training time of an epoch as the runs "
+        "measured it (on one core each when trained with `--jobs`). The yardstick: a unigram model (the training split's "
         f"character frequencies) scores {unigram:.2f} bits per character on the "
         "test split.",
         "",
