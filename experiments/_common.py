@@ -33,6 +33,9 @@ def finished_run(config: bfx.TrainConfig, report_only: bool) -> dict:
     return json.loads(summary.read_text())
 
 
+_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
 def _run(fields: dict) -> dict:
     """One run in a worker process (a `TrainConfig` travels as its dict)."""
     return finished_run(bfx.TrainConfig.from_dict(fields), report_only=False)
@@ -44,11 +47,11 @@ def train_all(
     """The summaries of `configs`' runs, `jobs` at a time (one core each)."""
     if report_only or jobs == 1:
         return [finished_run(c, report_only) for c in configs]
-    # Spawned workers start JAX afresh; each keeps to one thread (one core).
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "")
-        + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    )
+    # Spawned workers start JAX afresh; each keeps to one thread (one core). Added
+    # once, though a sweep calls this once per stage.
+    flags = os.environ.get("XLA_FLAGS", "")
+    if _ONE_THREAD not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {_ONE_THREAD}"
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
         return list(pool.map(_run, [c.to_dict() for c in configs]))

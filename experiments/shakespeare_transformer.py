@@ -14,8 +14,9 @@ batches of 64 windows), trained by `bfx.train`, DFA at both of Launay et al.
 unfinished ones (and one with more epochs extends them); `--jobs 2` trains two
 runs at a time, one per core; `--report-only` rewrites the report from disk.
 
-The report: test bits per character (mean ± standard deviation over the seeds),
-validation bits per character per epoch (a figure), the angle between each
+The report: test bits per character (mean ± standard deviation over the seeds)
+beside a unigram model's, validation bits per character per epoch (a figure; with
+one epoch, each seed's test bits per character instead), the angle between each
 block's error and backprop's at the end (`block_angle/b`; a figure), and a short
 text sampled from each rule's seed-0 model.
 """

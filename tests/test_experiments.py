@@ -113,7 +113,8 @@ def test_the_transformer_experiment_trains_every_variant_two_at_a_time(tmp_path)
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     verse = "ROMEO: But soft, what light through yonder window breaks?\n"
-    (corpus / "a.txt").write_text(verse * 300)
+    whole = verse * 300
+    (corpus / "a.txt").write_text(whole)
     script = SCRIPT.parent / "shakespeare_transformer.py"
     args = ["--dataset", "text", "--data-dir", str(corpus), "--rules", "bp"]
     args += ["dfa-macro", "dfa-micro", "--seeds", "0", "1", "--jobs", "2"]
@@ -142,7 +143,6 @@ def test_the_transformer_experiment_trains_every_variant_two_at_a_time(tmp_path)
     assert 0 < bpc < unigram - 0.5
     # The yardstick, from its definition: the training split's character counts plus
     # one (the unknown symbol's too), scored on the test split (the last 5 %).
-    whole = verse * 300
     n_test = len(whole) // 20
     train, test = whole[: len(whole) - 2 * n_test], whole[-n_test:]
     smoothed = {c: train.count(c) + 1 for c in set(train)}
