@@ -89,6 +89,14 @@ def test_bad_configuration_is_refused_naming_the_field(changes, field, tmp_path)
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("steps", [1, 5, 16, 37, 100])
+def test_loss_curve_averages_consecutive_stretches_of_steps(steps):
+    losses = np.random.default_rng(steps).normal(size=steps).astype(np.float32)
+    expected = [part.mean() for part in np.array_split(losses, min(steps, 16))]
+    curve = _compiled.loss_curve(jnp.asarray(losses), points=16)
+    np.testing.assert_allclose(curve, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_config_round_trips_and_rejects_unknown_fields():
     config = bfx.TrainConfig(rule="kp", lr=0.01, epochs=3)
     assert bfx.TrainConfig.from_dict(config.to_dict()) == config
@@ -175,6 +183,7 @@ def test_files_written(tmp_path, mnist_dir):
     history = _lines(tmp_path / "metrics.jsonl")
     assert history == result.history and [r["epoch"] for r in history] == [1, 2]
     expected = {"train_loss", "train_acc", "val_loss", "val_acc", "test_loss"}
+    expected |= {"train_loss_curve"}
     expected |= {"test_acc", "lr", "train_time_s", "eval_time_s", "wall_time_s"}
     expected |= {f"grad_angle/{i}" for i in ("0", "1", "global")}
     expected |= {f"grad_norm_ratio/{i}" for i in ("0", "1", "global")}
@@ -184,6 +193,10 @@ def test_files_written(tmp_path, mnist_dir):
     assert set(history[0]) == expected | {"epoch"}
     assert 0.0 < history[-1]["test_acc"] <= 1.0
     assert history[0]["delta_angle/1"] == 0.0  # the output layer's δ is backprop's
+    for record in history:  # the curve's stretches cover the epoch's steps
+        curve = record["train_loss_curve"]
+        assert 1 <= len(curve) <= _compiled.CURVE_POINTS
+        assert min(curve) <= record["train_loss"] <= max(curve)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["final"] == history[-1] and summary["status"] == "completed"
     assert summary["n_params"] == 784 * 16 + 16 + 16 * 10 + 10

@@ -5,6 +5,7 @@ where they read and write, their seed or (for a constant schedule) their length
 share them."""
 
 import collections
+import itertools
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -114,12 +115,27 @@ def _all_finite(tree: PyTree) -> Array:
     return jnp.all(jnp.stack(leaves))
 
 
+# The training-loss curve of an epoch (`train_loss_curve` in `metrics.jsonl`): the
+# mean loss over each of this many consecutive, equal stretches of its steps.
+CURVE_POINTS = 32
+
+
+def loss_curve(losses: Array, points: int = CURVE_POINTS) -> Array:
+    """The mean of `losses` (one per step) over `min(points, steps)` consecutive
+    stretches of steps, the first `steps % points` of them one step longer."""
+    steps = losses.shape[0]
+    n = min(points, steps)
+    ends = list(itertools.accumulate(steps // n + (i < steps % n) for i in range(n)))
+    return jnp.stack([jnp.mean(losses[a:b]) for a, b in zip([0, *ends], ends)])
+
+
 @eqx.filter_jit
 def train_epoch(params, state, opt_state, x, y, key, static, setup: Setup):
     """One epoch ([`train_epoch_with_state`][bioflax_eqx.train_epoch_with_state]),
-    its mean loss and accuracy, and whether the losses and parameters stayed
-    finite; data-parallel over `setup.mesh` if there is one. For text, `x` is the
-    training text's ids (`y` is `None`), cut into random windows here."""
+    its mean loss and accuracy, its loss curve (`loss_curve`), and whether the
+    losses and parameters stayed finite; data-parallel over `setup.mesh` if there
+    is one. For text, `x` is the training text's ids (`y` is `None`), cut into
+    random windows here."""
     TRACE_COUNTS["epoch"] += 1
     config = setup.config
     shuffle = config.shuffle
@@ -145,7 +161,8 @@ def train_epoch(params, state, opt_state, x, y, key, static, setup: Setup):
         shuffle=shuffle,
     )
     finite = jnp.all(jnp.isfinite(losses)) & _all_finite(params)
-    return params, state, opt_state, jnp.mean(losses), jnp.mean(acc), finite
+    loss, acc = jnp.mean(losses), jnp.mean(acc)
+    return params, state, opt_state, loss, acc, loss_curve(losses), finite
 
 
 # Examples per evaluation chunk: bounds the memory of conv nets on big test sets.

@@ -83,6 +83,7 @@ def epoch_record(
     epoch: int,
     loss: Array,
     acc: Array,
+    curve: Array,
     evaluated: dict[str, tuple[Array, Array | None]],
 ) -> dict[str, Any]:
     """An epoch's line of `metrics.jsonl`, without the alignment and the times."""
@@ -92,6 +93,7 @@ def epoch_record(
         "lr": json_float(lr),
         "train_loss": json_float(loss),
         "train_acc": json_float(acc) if config.classification else None,
+        "train_loss_curve": [json_float(v) for v in curve],
     }
     for name, (split_loss, split_acc) in evaluated.items():
         record[f"{name}_loss"] = json_float(split_loss)

@@ -335,7 +335,7 @@ class _Run:
         for epoch in range(len(t.history) + 1, config.epochs + 1):
             t0 = time.perf_counter()
             t.rng, epoch_key = jax.random.split(t.rng)
-            params, state, opt_state, loss, acc, finite = _compiled.train_epoch(
+            params, state, opt_state, loss, acc, curve, finite = _compiled.train_epoch(
                 t.params,
                 t.state,
                 t.opt_state,
@@ -353,7 +353,9 @@ class _Run:
             evaluated, alignment = evaluate(
                 t.params, t.state, splits, *fixed, metrics_key, t.static, setup
             )
-            record = epoch_record(config, epoch, loss, acc, dict(zip(names, evaluated)))
+            record = epoch_record(
+                config, epoch, loss, acc, curve, dict(zip(names, evaluated))
+            )
             record.update({k: json_float(v) for k, v in alignment.items()})
             if config.text:
                 assert config.depth is not None  # resolved on construction
