@@ -5,8 +5,8 @@ where they read and write, their seed or (for a constant schedule) their length
 share them."""
 
 import collections
-import itertools
 import dataclasses
+import itertools
 from collections.abc import Callable
 from typing import Any
 
