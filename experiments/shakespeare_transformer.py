@@ -15,14 +15,15 @@ unfinished ones (and one with more epochs extends them); `--jobs 2` trains two
 runs at a time, one per core; `--report-only` rewrites the report from disk.
 
 The report: test bits per character (mean ± standard deviation over the seeds)
-beside a unigram model's, validation bits per character per epoch (a figure; with
-one epoch, each seed's test bits per character instead), the angle between each
+beside a unigram model's, learning curves (training bits per character through
+each epoch, validation's after it; a figure), the angle between each
 block's error and backprop's at the end (`block_angle/b`; a figure), and a short
 text sampled from each rule's seed-0 model.
 """
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import platform
@@ -120,11 +121,24 @@ def _table(histories: dict[str, list[list[dict]]], times: dict[str, float]) -> s
     return "\n".join(rows)
 
 
+def _train_curve(run: list[dict]) -> tuple[list[float], list[float]]:
+    """A run's training bits per character against epochs: each epoch's
+    `train_loss_curve` (its steps in equal stretches), at each stretch's middle."""
+    xs, ys = [], []
+    for record in run:
+        curve = record.get("train_loss_curve") or [record["train_loss"]]
+        n = len(curve)
+        xs += [record["epoch"] - 1 + (i + 0.5) / n for i in range(n)]
+        ys += [loss / math.log(2) for loss in curve]
+    return xs, ys
+
+
 def _plot(
     histories: dict[str, list[list[dict]]], figures: pathlib.Path, unigram: float
 ) -> list[pathlib.Path]:
-    """The learning curves (with one epoch, each rule's test bits per character
-    instead) and the final per-block angles; the files' paths."""
+    """The learning curves (training bits per character through each epoch and the
+    validation's at each epoch's end, means over seeds) and the final per-block
+    angles; the files' paths."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -132,25 +146,24 @@ def _plot(
     fig = Figure(figsize=(8, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    n_epochs = len(next(iter(histories.values()))[0])
-    if n_epochs > 1:
-        for variant, runs in histories.items():
-            epochs = range(1, n_epochs + 1)
-            means = [statistics.mean(r[e - 1]["val_bpc"] for r in runs) for e in epochs]
-            ls = "--" if variant.startswith("dfa") else "-"
-            ax.plot(list(epochs), means, "o" + ls, label=variant)
-        ax.set(xlabel="epoch", ylabel="validation bits per character")
-        ax.legend(ncol=3, fontsize=8)
-    else:  # one point per rule: its seeds' test bits per character
-        for i, runs in enumerate(histories.values()):
-            values = [r[-1]["test_bpc"] for r in runs]
-            ax.plot([i] * len(values), values, "o", color="tab:blue", alpha=0.6)
-            ax.plot([i - 0.2, i + 0.2], [statistics.mean(values)] * 2, "k-")
-        ax.axhline(unigram, color="tab:red", ls="--", label="unigram model")
-        ax.set_xticks(range(len(histories)))
-        ax.set_xticklabels(list(histories), rotation=30, ha="right")
-        ax.set(ylabel="test bits per character (each seed; bar: mean)")
-        ax.legend(fontsize=8)
+    for i, (variant, runs) in enumerate(histories.items()):
+        color, ls = f"C{i}", "--" if variant.startswith("dfa") else "-"
+        curves = [_train_curve(run) for run in runs]
+        xs = curves[0][0]
+        ys = [statistics.mean(c[1][j] for c in curves) for j in range(len(xs))]
+        ax.plot(xs, ys, ls, color=color, label=variant)
+        epochs = [record["epoch"] for record in runs[0]]
+        val = [statistics.mean(r[e - 1]["val_bpc"] for r in runs) for e in epochs]
+        ax.plot(epochs, val, "o", color=color, mfc="none")
+    ax.axhline(unigram, color="k", ls=":", label="unigram model (test)")
+    ax.set(
+        xlabel="epoch",
+        ylabel="bits per character",
+        title="training (lines, the mean over each stretch of steps) and "
+        "validation (circles)",
+    )
+    ax.title.set_fontsize(9)
+    ax.legend(ncol=3, fontsize=8)
     curves = figures / "shakespeare_transformer_curves.png"
     fig.savefig(curves, dpi=80, bbox_inches="tight")
     depth = _depth(histories)

@@ -62,6 +62,23 @@ def test_learning_curves(epochs, figures, tmp_path: pathlib.Path):
         assert ticks and all(float(t).is_integer() for t in ticks)
 
 
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_the_training_loss_is_drawn_through_each_epoch(epochs, figures, tmp_path):
+    history = _history(epochs)
+    for record in history:  # four stretches of steps per epoch
+        record["train_loss_curve"] = [1.0 / (record["epoch"] + i) for i in range(4)]
+    _plots.plot_learning_curves(history, tmp_path / "c.png", "fa transformer")
+    loss = figures[0].axes[0]
+    (train,) = [x for x in loss.get_lines() if x.get_label().startswith("train")]
+    x, y = train.get_data()
+    # Each stretch at its middle: epoch e's at e - 1 + 1/8, 3/8, 5/8, 7/8.
+    expected_x = [e + (2 * i + 1) / 8 for e in range(epochs) for i in range(4)]
+    assert list(x) == pytest.approx(expected_x)
+    assert list(y) == [v for r in history for v in r["train_loss_curve"]]
+    low, high = loss.get_xlim()
+    assert low <= 0 and high >= epochs
+
+
 def test_one_epoch_alignment_draws_the_global_point(figures, tmp_path):
     _plots.plot_alignment(_history(1), tmp_path / "a.png", "fa mlp")
     (fig,) = figures

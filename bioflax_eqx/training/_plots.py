@@ -80,15 +80,32 @@ def _series(history: Sequence[dict[str, Any]], metric: str) -> list[str]:
     return layers + [k for k in keys if k == f"{metric}/global"]
 
 
+def _through_epochs(history: Sequence[dict[str, Any]]) -> tuple[list, list]:
+    """The training loss through each epoch (`train_loss_curve`: the means over
+    equal stretches of its steps), each at its stretch's middle."""
+    xs, ys = [], []
+    for record in history:
+        curve = record["train_loss_curve"]
+        xs += [record["epoch"] - 1 + (i + 0.5) / len(curve) for i in range(len(curve))]
+        ys += [math.nan if v is None else v for v in curve]
+    return xs, ys
+
+
 def plot_learning_curves(
     history: Sequence[dict[str, Any]], path: pathlib.Path, title: str
 ) -> None:
-    """Loss (train, validation, test) and accuracy against the epoch."""
+    """Loss (train, validation, test) and accuracy against the epoch; the training
+    loss through each epoch where the run recorded it."""
+    from matplotlib.ticker import MaxNLocator
     epochs = [r["epoch"] for r in history]
     classification = history[0].get("test_acc") is not None
     fig, axes = _figure(2 if classification else 1, epochs)
     for split in ("train", "val", "test"):
-        if f"{split}_loss" in history[0]:
+        if split == "train" and history[0].get("train_loss_curve"):
+            axes[0].plot(*_through_epochs(history), "-", label="train (during)")
+            axes[0].set_xlim(min(epochs) - 1, max(epochs) + 0.1)
+            axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+        elif f"{split}_loss" in history[0]:
             axes[0].plot(epochs, _values(history, f"{split}_loss"), "o-", label=split)
     axes[0].set(xlabel="epoch", ylabel="loss (log scale)", yscale="log")
     axes[0].set_title(f"{title}: loss", fontsize="medium")
