@@ -97,6 +97,7 @@ def plot_learning_curves(
     """Loss (train, validation, test) and accuracy against the epoch; the training
     loss through each epoch where the run recorded it."""
     from matplotlib.ticker import MaxNLocator
+
     epochs = [r["epoch"] for r in history]
     classification = history[0].get("test_acc") is not None
     fig, axes = _figure(2 if classification else 1, epochs)
