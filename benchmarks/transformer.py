@@ -86,8 +86,9 @@ def model_for(rule: str, setup: Setup, vocab: int) -> bfx.Transformer:
     return bfx.convert(model, rule, key=k_feedback)
 
 
-def compiled_step(model: bfx.Transformer, x, t) -> Callable[[], Any]:
-    """Gradient + Adam update of one batch, parameters and state carried."""
+def compiled_step(model: bfx.Transformer, x, t) -> tuple[Callable[[], Any], float]:
+    """Gradient + Adam update of one batch, parameters and state carried; and the
+    step's floating-point operations as XLA counts them in the compiled program."""
     params, static = eqx.partition(model, bfx.trainable(model))
     optimizer = optax.adam(T.LR)
     opt_state = optimizer.init(params)
@@ -113,7 +114,9 @@ def compiled_step(model: bfx.Transformer, x, t) -> Callable[[], Any]:
         holder[0] = compiled(*holder[0], x, t, key)
         return holder[0]
 
-    return carried
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost  # a list in older JAX
+    return carried, float(cost["flops"])
 
 
 def torch_step(model: bfx.Transformer, x, t) -> tuple[Callable[[], Any], str]:
@@ -143,9 +146,9 @@ def run(
     x, t, vocab = windows(setup, data_dir)
     print("transformer: compiling ...")
     models = {rule: model_for(rule, setup, vocab) for rule in setup.rules}
-    steps: dict[str, Callable[[], Any]] = {
-        rule: compiled_step(model, x, t) for rule, model in models.items()
-    }
+    compiled = {rule: compiled_step(model, x, t) for rule, model in models.items()}
+    steps: dict[str, Callable[[], Any]] = {r: c[0] for r, c in compiled.items()}
+    flops = {rule: c[1] for rule, c in compiled.items()}
     torch_note = ""
     if use_torch:
         steps["torch"], torch_note = torch_step(models["bp"], x, t)
@@ -164,15 +167,17 @@ def run(
         f"Batch {setup.batch} windows, float32, `optax.adam({T.LR})`; load "
         f"{T.load()}. Median of {setup.repeats} interleaved rounds.",
         "",
-        "| rule | step (ms) | step / BP | characters / s |",
-        "| --- | --- | --- | --- |",
+        "| rule | step (ms) | step / BP | characters / s | GFLOP / step (XLA) "
+        "| GFLOP / BP's |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     verdicts = []
     for rule in setup.rules:
         seconds = timed[rule]
         lines.append(
             f"| {rule} | {1e3 * seconds:.2f} | {T.ratio(seconds, timed['bp'])} | "
-            f"{characters / seconds:,.0f} |"
+            f"{characters / seconds:,.0f} | {flops[rule] / 1e9:.3g} | "
+            f"{T.ratio(flops[rule], flops['bp'])} |"
         )
         if rule in TARGETS:
             limit = TARGETS[rule]
@@ -187,7 +192,7 @@ def run(
         seconds = timed["torch"]
         lines.append(
             f"| bp, PyTorch | {1e3 * seconds:.2f} | "
-            f"{T.ratio(seconds, timed['bp'])} | {characters / seconds:,.0f} |"
+            f"{T.ratio(seconds, timed['bp'])} | {characters / seconds:,.0f} | | |"
         )
         lines += [
             "",
@@ -195,7 +200,47 @@ def run(
             "",
             torch_note,
         ]
+    dfa = [r for r in setup.rules if r.startswith("dfa")]
+    if dfa:
+        counted = ", ".join(f"{r} {T.ratio(flops[r], flops['bp'])}" for r in dfa)
+        floor = all(flops[r] >= 0.97 * flops["bp"] for r in dfa)
+        text = DFA_FLOPS if floor else DFA_FLOPS_LOWER
+        # The same count with the norms' gain and bias fixed (not a model we train).
+        fixed = {
+            r: compiled_step(_fixed_norms(models[r]), x, t)[1] for r in ["bp", *dfa]
+        }
+        counted_fixed = ", ".join(f"{r} {T.ratio(fixed[r], fixed['bp'])}" for r in dfa)
+        lines += ["", text.format(counted=counted, counted_fixed=counted_fixed)]
     return lines + [""], verdicts
+
+
+# Why DFA's step is no cheaper than backprop's here (the figures fill `counted`).
+DFA_FLOPS = (
+    "DFA's arithmetic, as XLA counts it, is not below backprop's ({counted} of "
+    "BP's): each sub-layer starts with a LayerNorm whose gain and bias train, so "
+    "the cotangent at the norm's output, i.e. the input cotangent of the first "
+    "projections (W_q, W_k, W_v; the MLP's W_1), is computed for the norm's "
+    "gradient whether or not it then travels to the layer below. Cutting the "
+    "chain saves only the norms' elementwise backward, and each feedback point "
+    "adds its `e Bᵀ` product. With the norms' gain and bias fixed, the same "
+    "count is {counted_fixed} of BP's. A step faster than backprop's would need "
+    "fewer gradients (the norms untrained) or blocks updated in parallel, which "
+    "one device running one program at a time does not do."
+)
+DFA_FLOPS_LOWER = (
+    "XLA counts DFA's arithmetic at {counted} of BP's ({counted_fixed} with the "
+    "norms' gain and bias fixed)."
+)
+
+
+def _fixed_norms(model: bfx.Transformer) -> bfx.Transformer:
+    """`model` with every block's LayerNorms without gain and bias."""
+
+    def norms(m):
+        return [n for b in m.blocks for n in (b.attention_norm, b.mlp_norm)]
+
+    plain = eqx.nn.LayerNorm(model.width, use_weight=False, use_bias=False)
+    return eqx.tree_at(norms, model, [plain] * (2 * model.depth))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end at tiny sizes, so that they cannot rot. No
 timing is asserted: the speed targets are checked in the benchmark's own report."""
 
+import dataclasses
 import importlib
 import json
 import pathlib
@@ -143,6 +144,25 @@ def test_transformer_smoke_run(scripts, tmp_path):
     for rule in ("fa", "dfa-macro"):
         assert f"| {rule} | " in text
     assert "| dfa-macro step ≤ 0.90× BP, Transformer" in text
+    assert "DFA's arithmetic" in text and "GFLOP / step (XLA)" in text
+
+
+def test_dfa_saves_arithmetic_only_where_the_norms_do_not_train(scripts):
+    """What the Transformer report says of DFA's cost, on a small model: cutting
+    the chain between sub-layers saves the first projections' input cotangents only
+    when no trained norm needs them."""
+    bench = scripts["transformer"]
+    # Width 128, so that the projections outweigh the points' `e Bᵀ` (85 × 128).
+    setup = dataclasses.replace(bench.SMOKE, width=128, depth=2, heads=4)
+    x, t, vocab = bench.windows(setup, None)
+    counts = {}
+    for fixed in (False, True):
+        for rule in ("bp", "dfa-micro"):
+            model = bench.model_for(rule, setup, vocab)
+            model = bench._fixed_norms(model) if fixed else model
+            counts[fixed, rule] = bench.compiled_step(model, x, t)[1]
+    assert counts[False, "dfa-micro"] >= counts[False, "bp"]
+    assert counts[True, "dfa-micro"] < 0.97 * counts[True, "bp"]
 
 
 def test_torch_side_of_the_command_line(mnist_dir):
