@@ -262,12 +262,12 @@ def test_nan_keeps_the_last_good_checkpoint(tmp_path, mnist_dir, monkeypatch):
     calls = []
 
     def nan_in_epoch_2(*args):
-        params, state, opt_state, loss, acc, finite = real(*args)
+        params, state, opt_state, loss, acc, curve, finite = real(*args)
         calls.append(None)
         if len(calls) == 2:
             nan = jnp.float32(jnp.nan)
-            return params, state, opt_state, nan, acc, jnp.array(False)
-        return params, state, opt_state, loss, acc, finite
+            return params, state, opt_state, nan, acc, curve, jnp.array(False)
+        return params, state, opt_state, loss, acc, curve, finite
 
     monkeypatch.setattr(_compiled, "train_epoch", nan_in_epoch_2)
     config = small(tmp_path, mnist_dir, epochs=3)
