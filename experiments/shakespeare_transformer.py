@@ -149,6 +149,10 @@ def _plot(
     for i, (variant, runs) in enumerate(histories.items()):
         color, ls = f"C{i}", "--" if variant.startswith("dfa") else "-"
         curves = [_train_curve(run) for run in runs]
+        # Runs from before `train_loss_curve` have one point per epoch: the mean is
+        # over the runs with the longest curve.
+        longest = max(len(c[0]) for c in curves)
+        curves = [c for c in curves if len(c[0]) == longest]
         xs = curves[0][0]
         ys = [statistics.mean(c[1][j] for c in curves) for j in range(len(xs))]
         ax.plot(xs, ys, ls, color=color, label=variant)
