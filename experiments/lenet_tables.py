@@ -86,7 +86,7 @@ class Plan:
 
 PLANS = {
     # Random shifts of up to 2 pixels (digits are not mirror-symmetric).
-    "mnist": Plan("tanh", ("shift",), (128,), (1e-3, 3e-3), 10),
+    "mnist": Plan("tanh", ("shift",), (128,), (1e-3, 3e-3), 20),
     # biotorch's LeNet uses ReLU; garments are mirror-symmetric, so flips are
     # offered, and the pilot decides whether augmentation helps at all, and whether
     # twice the steps (batch 64, the trainer's default) beat batch 128.
