@@ -19,7 +19,6 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import optax
 
 import bioflax_eqx as bfx
 
@@ -90,7 +89,7 @@ def epoch_case(model, state, x, y, batch: int) -> tuple[Callable[[], Any], float
     """A whole epoch compiled ahead of time (trained through `eqx.partition(model,
     bfx.trainable(model))` with Adam), and the seconds its compilation took."""
     params, static = eqx.partition(model, bfx.trainable(model))
-    optimizer = optax.adam(T.LR)
+    optimizer = T.adam()
     opt_state = optimizer.init(params)
     key = jax.random.key(1)
     args = (params, static, state, opt_state, x, y, key)
@@ -123,7 +122,7 @@ def run(
         f"needed for timing). An epoch: {setup.steps} steps of batch {setup.batch} "
         "through `bfx.train_epoch_with_state` (one compiled call, shuffled on "
         'device; `conv_path="auto"`: on CPU, convolutions as slices and one `dot`), '
-        f"`optax.adam({T.LR})` over `eqx.partition(model, bfx.trainable(model))`; "
+        f"{T.ADAM} over `eqx.partition(model, bfx.trainable(model))`; "
         "ResNet-20's batch norm over the batch, its running averages carried "
         "through the epoch. WM's epoch is its learning phase (FA's): the mirror "
         f"phase between steps is not timed. Median of {setup.epoch_repeats} "

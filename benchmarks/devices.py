@@ -24,7 +24,6 @@ from typing import Any
 import equinox as eqx
 import jax
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import bioflax_eqx as bfx
@@ -71,7 +70,7 @@ def _epochs(setup: Setup, devices: int, data_dir: str | None) -> dict[str, Any]:
             lambda a: jax.device_put(a, replicated) if eqx.is_array(a) else a, tree
         )
 
-    optimizer = optax.adam(T.LR)
+    optimizer = T.adam()
     entries: dict[str, Callable[[], Any]] = {}
     for rule in setup.rules:
         model = bfx.MLP(
@@ -208,7 +207,7 @@ def run(
         f"`python -m benchmarks.devices`, run {started:%Y-%m-%d %H:%M %Z} (load "
         f"average {load_start} at start, {load_end} at the end). Whole MNIST epochs of "
         f"`bfx.train_epoch(..., mesh=mesh)`: MLP {sizes}, float32, "
-        f"`optax.adam({T.LR})`, a global batch of {setup.batch} split evenly over "
+        f"{T.ADAM}, a global batch of {setup.batch} split evenly over "
         "the devices, the parameters and optimiser state replicated; median of "
         f"{setup.rounds} rounds, each device count in a process of its own (so, "
         "unlike the other ratios of the benchmarks, not interleaved). Examples per "

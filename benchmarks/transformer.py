@@ -90,7 +90,7 @@ def compiled_step(model: bfx.Transformer, x, t) -> tuple[Callable[[], Any], floa
     """Gradient + Adam update of one batch, parameters and state carried; and the
     step's floating-point operations as XLA counts them in the compiled program."""
     params, static = eqx.partition(model, bfx.trainable(model))
-    optimizer = optax.adam(T.LR)
+    optimizer = T.adam()
     opt_state = optimizer.init(params)
     key = jax.random.key(2)
 
@@ -164,7 +164,7 @@ def run(
         "",
         f"### {name}",
         "",
-        f"Batch {setup.batch} windows, float32, `optax.adam({T.LR})`; load "
+        f"Batch {setup.batch} windows, float32, {T.ADAM}; load "
         f"{T.load()}. Median of {setup.repeats} interleaved rounds.",
         "",
         "| rule | step (ms) | step / BP | characters / s | GFLOP / step (XLA) "

@@ -27,6 +27,7 @@ from ._optim import (
     decay_mask as decay_mask,
     feedback_labels as feedback_labels,
     freeze_feedback as freeze_feedback,
+    tie_feedback as tie_feedback,
     trainable as trainable,
 )
 from ._registry import RULES as RULES

@@ -16,7 +16,7 @@ import jax
 import optax
 from jaxtyping import PyTree
 
-from ._rules import AbstractFeedback
+from ._rules import KP, AbstractFeedback
 
 
 # The wrapped layer trains as usual; every other array field of a rule is feedback.
@@ -84,6 +84,61 @@ def freeze_feedback(
     return optax.multi_transform(
         {"trainable": optimizer, "fixed": optax.set_to_zero()}, feedback_labels
     )
+
+
+def tie_feedback(
+    optimizer: optax.GradientTransformation,
+) -> optax.GradientTransformation:
+    """Wrap an optimiser so that each Kolen-Pollack layer's `feedback` receives its
+    weight's update instead of being optimised on its own.
+
+    Kolen-Pollack gives `B` the weight's gradient, so an optimiser whose update of an
+    array depends only on that array's gradients (Adam, SGD, momentum, RMSProp, ...,
+    without weight decay) computes the same update for `B` as for `W`, from a second
+    copy of the same state. This wrapper computes it once: `B` gets no optimiser state
+    and no arithmetic of its own, and the result is the same, step for step.
+
+    It is *not* the same with weight decay (it reads the array's value, which differs
+    between `W` and `B`: with it, pass `optimizer` itself, masked by
+    [`bioflax_eqx.decay_mask`][], and `W - B` shrinks by `(1 - ηλ)` per SGD step), nor
+    with transformations that mix arrays, such as global-norm clipping.
+
+    **Arguments:**
+
+    - `optimizer`: any optax transformation, applied to every array but
+        Kolen-Pollack's feedback.
+
+    **Returns:**
+
+    An optax transformation for `eqx.partition(model, bfx.trainable(model))[0]` (or
+    `eqx.filter(model, eqx.is_inexact_array)` of a model whose only feedback is
+    Kolen-Pollack's).
+    """
+    is_kp = lambda x: isinstance(x, KP)  # noqa: E731
+
+    def labels(params: PyTree) -> PyTree[str]:
+        def label(x):
+            labels = jax.tree_util.tree_map(lambda _: "own", x)
+            if is_kp(x):
+                labels = eqx.tree_at(lambda m: m.feedback, labels, "tied")
+            return labels
+
+        return jax.tree_util.tree_map(label, params, is_leaf=is_kp)
+
+    inner = optax.multi_transform(
+        {"own": optimizer, "tied": optax.set_to_zero()}, labels
+    )
+
+    def update(updates, state, params=None):
+        updates, state = inner.update(updates, state, params)
+        updates = jax.tree_util.tree_map(
+            lambda x: eqx.tree_at(lambda m: m.feedback, x, x.weight) if is_kp(x) else x,
+            updates,
+            is_leaf=is_kp,
+        )
+        return updates, state
+
+    return optax.GradientTransformation(inner.init, update)
 
 
 def decay_mask(model: PyTree, *, include_bias: bool = False) -> PyTree[bool | None]:

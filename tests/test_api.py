@@ -42,6 +42,7 @@ CORE_NAMES = {
     "close_error_channel",
     "feedback_labels",
     "freeze_feedback",
+    "tie_feedback",
     "decay_mask",
     "trainable",
     "angle",

@@ -55,7 +55,8 @@ def test_smoke_run_writes_a_report(scripts, tmp_path, mnist_dir):
     # The targets' verdicts go beside the report, not into it.
     assert "## Targets" not in text
     targets = (tmp_path / "targets.md").read_text()
-    assert "| kp gradient ≤ 1.05× BP, MLP 784-16-10 |" in targets
+    assert "| kp epoch ≤ 1.1× BP, MLP 784-16-10 |" in targets
+    assert "| dfa epoch ≤ 0.9× BP, LeNet |" in targets
     assert "| fa ResNet-20 epoch ≤ 1.05× BP |" in targets
     mlp, lenet = text.split("## LeNet-5")
     lenet, devices = lenet.split("## Many devices")

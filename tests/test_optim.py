@@ -223,3 +223,78 @@ def test_trainable_matches_freeze_feedback(getkey):
     cheap = _train(model, adamw, 5, key, spec=bfx.trainable(model))
     masked = _train(model, bfx.freeze_feedback(adamw), 5, key)
     assert tree_allclose(cheap, masked, rtol=1e-12, atol=1e-14)
+
+
+def _kp_convnet(key):
+    keys = jax.random.split(key, 3)
+    net = eqx.nn.Sequential(
+        [
+            eqx.nn.Conv2d(2, 3, 3, padding=1, key=keys[0]),
+            eqx.nn.Lambda(jnp.tanh),
+            eqx.nn.Lambda(jnp.ravel),
+            eqx.nn.Linear(3 * 5 * 5, 4, key=keys[1]),
+        ]
+    )
+    return bfx.convert(net, "kp", key=keys[2])
+
+
+@pytest.mark.parametrize(
+    "optimizer, moments",
+    [(optax.adam(LR), 2), (optax.sgd(LR, momentum=0.9), 1), (optax.rmsprop(LR), 1)],
+    ids=["adam", "momentum", "rmsprop"],
+)
+def test_tie_feedback_trains_kp_step_for_step(optimizer, moments, getkey):
+    # Without weight decay B's own optimiser state would only repeat W's: giving B
+    # W's update is the same training, to the last bit, with half the state.
+    model = bfx.MLP(6, 3, 8, 2, rule="kp", key=getkey())
+    key = getkey()
+    spec = bfx.trainable(model)
+    tied = _train(model, bfx.tie_feedback(optimizer), 8, key, spec=spec)
+    plain = _train(model, optimizer, 8, key, spec=spec)
+    assert eqx.tree_equal(tied, plain)
+    assert not tree_allclose(layers_of(tied)[0].feedback, layers_of(model)[0].feedback)
+    # No optimiser state for B: `moments` arrays of B's size fewer.
+    params = eqx.filter(model, spec)
+    with jax.numpy_dtype_promotion("standard"):
+        tied_state = bfx.tie_feedback(optimizer).init(params)
+        plain_state = optimizer.init(params)
+    size = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
+    feedback = sum(layer.feedback.size for layer in layers_of(model))
+    assert size(plain_state) - size(tied_state) == moments * feedback
+
+
+def test_tie_feedback_on_convolutions_and_other_rules(getkey):
+    model = _kp_convnet(getkey())
+    params, static = eqx.partition(model, bfx.trainable(model))
+    x = jax.random.normal(getkey(), (4, 2, 5, 5))
+    grads = eqx.filter_grad(
+        lambda p: jnp.sum(jax.vmap(eqx.combine(p, static))(x) ** 2)
+    )(params)
+    optimizer = optax.adam(LR)
+    with jax.numpy_dtype_promotion("standard"):
+        tied, _ = bfx.tie_feedback(optimizer).update(
+            grads, bfx.tie_feedback(optimizer).init(params), params
+        )
+        plain, _ = optimizer.update(grads, optimizer.init(params), params)
+    assert eqx.tree_equal(tied, plain)
+    conv = tied[0]
+    assert isinstance(conv, bfx.KP) and conv.feedback.shape == (3, 2, 3, 3)
+    # A model without KP layers: the optimiser itself.
+    fa = bfx.MLP(6, 3, 8, 2, rule="fa", key=getkey())
+    key = getkey()
+    spec = bfx.trainable(fa)
+    assert eqx.tree_equal(
+        _train(fa, bfx.tie_feedback(optimizer), 3, key, spec=spec),
+        _train(fa, optimizer, 3, key, spec=spec),
+    )
+
+
+def test_tie_feedback_is_not_kp_under_weight_decay(getkey):
+    # Why the trainer ties only without decay: decay reads the array, and tied B
+    # would follow W's decay instead of its own, so W − B would not shrink.
+    model = bfx.MLP(6, 3, 8, 2, rule="kp", key=getkey())
+    start = _weight_minus_feedback(model)
+    adamw = optax.adamw(LR, weight_decay=DECAY, mask=bfx.decay_mask)
+    tied = _train(model, bfx.tie_feedback(adamw), STEPS, getkey())
+    for before, after in zip(start, _weight_minus_feedback(tied)):
+        np.testing.assert_allclose(after, before, rtol=1e-8, atol=1e-12)

@@ -349,6 +349,24 @@ def test_kp_decay_shrinks_weight_minus_feedback(optimizer):
         np.testing.assert_allclose(after.bias - before.bias, -lr, rtol=1e-5)
 
 
+@pytest.mark.parametrize("decay", [0.0, 0.3])
+def test_kp_feedback_has_optimiser_state_only_under_decay(decay):
+    # Without decay B takes W's update (`bfx.tie_feedback`); with it, B is optimised
+    # on its own, so that W - B shrinks.
+    fields = {**SMALL, "warmup_epochs": 0}
+    config = bfx.TrainConfig(rule="kp", optimizer="adam", weight_decay=decay, **fields)
+    model = _build(config)
+    params = eqx.filter(model, bfx.trainable(model))
+    with jax.numpy_dtype_promotion("standard"):
+        state = _optimizer.optimizer(config).init(params)
+    n_state = sum(x.size for x in jax.tree_util.tree_leaves(state))
+    n_feedback = sum(layer.feedback.size for layer in _kp_layers(model))
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    own = n_params - (n_feedback if decay == 0 else 0)
+    # Adam's two moments per optimised array, and step counts.
+    assert 2 * own <= n_state < 2 * own + 100
+
+
 def _kp_layers(model: bfx.MLP) -> list[bfx.KP]:
     layers = [layer for layer in model.layers if isinstance(layer, bfx.KP)]
     assert len(layers) == len(model.layers)

@@ -10,7 +10,7 @@ import optax
 from jaxtyping import PRNGKeyArray, PyTree
 
 from .._mirror import mirror
-from .._optim import decay_mask, freeze_feedback, trainable
+from .._optim import decay_mask, freeze_feedback, tie_feedback, trainable
 from .._rules import WM
 from ._config import TrainConfig
 
@@ -64,7 +64,13 @@ def optimizer(config: TrainConfig) -> optax.GradientTransformation:
         inner = optax.chain(optax.masked(bias_scale, _is_bias), inner)
     # The trainer optimises `partition(model)`: fixed feedback never reaches the
     # optimiser, so it needs no freezing, except WM's, which the mirror moves.
-    return freeze_feedback(inner) if config.rule == "wm" else inner
+    if config.rule == "wm":
+        return freeze_feedback(inner)
+    # Without decay every update above depends only on the array's gradients, and
+    # KP's B has W's: B takes W's update, computed once (the same, step for step).
+    if config.rule == "kp" and config.weight_decay == 0:
+        return tie_feedback(inner)
+    return inner
 
 
 def partition(model: PyTree) -> tuple[PyTree, PyTree]:
