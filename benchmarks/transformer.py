@@ -116,6 +116,7 @@ def compiled_step(model: bfx.Transformer, x, t) -> tuple[Callable[[], Any], floa
 
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost  # a list in older JAX
+    assert cost is not None, "XLA gave no cost analysis"
     return carried, float(cost["flops"])
 
 

@@ -277,6 +277,7 @@ def test_tie_feedback_on_convolutions_and_other_rules(getkey):
         )
         plain, _ = optimizer.update(grads, optimizer.init(params), params)
     assert eqx.tree_equal(tied, plain)
+    assert isinstance(tied, eqx.nn.Sequential)
     conv = tied[0]
     assert isinstance(conv, bfx.KP) and conv.feedback.shape == (3, 2, 3, 3)
     # A model without KP layers: the optimiser itself.
