@@ -75,6 +75,7 @@ from .training import (
     train as train,
     train_epoch as train_epoch,
     train_epoch_with_state as train_epoch_with_state,
+    training_curve as training_curve,
 )
 
 

@@ -122,15 +122,9 @@ def _table(histories: dict[str, list[list[dict]]], times: dict[str, float]) -> s
 
 
 def _train_curve(run: list[dict]) -> tuple[list[float], list[float]]:
-    """A run's training bits per character against epochs: each epoch's
-    `train_loss_curve` (its steps in equal stretches), at each stretch's middle."""
-    xs, ys = [], []
-    for record in run:
-        curve = record.get("train_loss_curve") or [record["train_loss"]]
-        n = len(curve)
-        xs += [record["epoch"] - 1 + (i + 0.5) / n for i in range(n)]
-        ys += [loss / math.log(2) for loss in curve]
-    return xs, ys
+    """A run's training bits per character through its epochs."""
+    epochs, losses = bfx.training_curve(run)
+    return epochs, [loss / math.log(2) for loss in losses]
 
 
 def _plot(

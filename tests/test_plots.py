@@ -1,9 +1,11 @@
 """The run's PNG plots: labels inside the figure, readable axes, legends clear."""
 
+import math
 import pathlib
 
 import pytest
 
+import bioflax_eqx as bfx
 from bioflax_eqx.training import _plots
 
 
@@ -77,6 +79,19 @@ def test_the_training_loss_is_drawn_through_each_epoch(epochs, figures, tmp_path
     assert list(y) == [v for r in history for v in r["train_loss_curve"]]
     low, high = loss.get_xlim()
     assert low <= 0 and high >= epochs
+
+
+def test_training_curve_places_each_stretch_at_its_middle():
+    # Epoch 1 as runs from before the curve was recorded; epoch 2 with three
+    # stretches, one of them not finite (`null` in metrics.jsonl).
+    history = [
+        {"epoch": 1, "train_loss": 2.0},
+        {"epoch": 2, "train_loss": 1.0, "train_loss_curve": [1.5, None, 0.5]},
+    ]
+    epochs, losses = bfx.training_curve(history)
+    assert epochs == pytest.approx([0.5, 1 + 1 / 6, 1.5, 1 + 5 / 6])
+    assert losses[:2] == [2.0, 1.5] and math.isnan(losses[2]) and losses[3] == 0.5
+    assert bfx.training_curve([]) == ([], [])
 
 
 def test_one_epoch_alignment_draws_the_global_point(figures, tmp_path):

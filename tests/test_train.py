@@ -367,6 +367,29 @@ def test_kp_feedback_has_optimiser_state_only_under_decay(decay):
     assert 2 * own <= n_state < 2 * own + 100
 
 
+def test_kp_runs_from_before_tie_feedback_resume_and_load(
+    tmp_path, mnist_dir, monkeypatch
+):
+    # A KP checkpoint written when B had an optimiser state of its own (the untied
+    # layout): it loads, resumes tied, and the run is the one that never stopped.
+    config = small(tmp_path / "old", mnist_dir, rule="kp", epochs=2, warmup_epochs=0)
+    whole = bfx.train(
+        dataclasses.replace(config, out=str(tmp_path / "whole")), quiet=True
+    )
+    with monkeypatch.context() as patch:
+        patch.setattr(_optimizer, "_tied", lambda config: False)
+        bfx.train(dataclasses.replace(config, epochs=1), quiet=True)
+    _, payload = _checkpoint.read_header(tmp_path / "old")
+    _, whole_payload = _checkpoint.read_header(tmp_path / "whole")
+    assert len(payload) > len(whole_payload)  # B's Adam moments: two more copies
+    assert bfx.load_run(tmp_path / "old").history[-1]["epoch"] == 1
+    resumed = bfx.train(config, resume=True, quiet=True)
+    assert eqx.tree_equal(resumed.model, whole.model)
+    assert _without_times(resumed.history) == _without_times(whole.history)
+    # Saved again in today's layout.
+    assert _checkpoint.read_header(tmp_path / "old")[1] == whole_payload
+
+
 def _kp_layers(model: bfx.MLP) -> list[bfx.KP]:
     layers = [layer for layer in model.layers if isinstance(layer, bfx.KP)]
     assert len(layers) == len(model.layers)

@@ -30,6 +30,7 @@ from ._losses import (
     sigmoid_cross_entropy as sigmoid_cross_entropy,
     squared_error as squared_error,
 )
+from ._plots import training_curve as training_curve
 from ._records import TrainResult as TrainResult
 from ._run import (
     DivergedError as DivergedError,

@@ -116,6 +116,11 @@ def load_state(folder: pathlib.Path, payload: bytes, like: PyTree) -> PyTree:
         state = eqx.tree_deserialise_leaves(io.BytesIO(payload), like)
     except (ValueError, EOFError, OSError) as e:
         raise _corrupt(path, f"{type(e).__name__}: {e}") from e
+    except RuntimeError as e:  # Equinox: an array of another shape or dtype
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this configuration ({e}); it belongs "
+            "to another model."
+        ) from e
     for got, want in zip(
         jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(like)
     ):

@@ -42,9 +42,8 @@ def _is_bias(params: PyTree) -> PyTree:
     return jax.tree_util.tree_map_with_path(is_bias, params)
 
 
-def optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """The optimiser of `partition(model)[0]`, with weight decay where set and the
-    biases' updates scaled by `bias_lr_scale`."""
+def _own(config: TrainConfig) -> optax.GradientTransformation:
+    """The optimiser of every trained array, KP's feedback included."""
     lr = schedule(config)
     if config.optimizer == "adamw":
         inner = optax.adamw(lr, weight_decay=config.weight_decay, mask=decay_mask)
@@ -62,15 +61,53 @@ def optimizer(config: TrainConfig) -> optax.GradientTransformation:
     if config.bias_lr_scale != 1:
         bias_scale = optax.scale(config.bias_lr_scale)
         inner = optax.chain(optax.masked(bias_scale, _is_bias), inner)
+    return inner
+
+
+def _tied(config: TrainConfig) -> bool:
+    # Without decay every update of `_own` depends only on the array's gradients,
+    # and KP's B has W's: B takes W's update, computed once (the same, bit for bit).
+    return config.rule == "kp" and config.weight_decay == 0
+
+
+def optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """The optimiser of `partition(model)[0]`, with weight decay where set and the
+    biases' updates scaled by `bias_lr_scale`."""
+    inner = _own(config)
     # The trainer optimises `partition(model)`: fixed feedback never reaches the
     # optimiser, so it needs no freezing, except WM's, which the mirror moves.
     if config.rule == "wm":
         return freeze_feedback(inner)
-    # Without decay every update above depends only on the array's gradients, and
-    # KP's B has W's: B takes W's update, computed once (the same, step for step).
-    if config.rule == "kp" and config.weight_decay == 0:
-        return tie_feedback(inner)
-    return inner
+    return tie_feedback(inner) if _tied(config) else inner
+
+
+# Where `tie_feedback` (a `optax.multi_transform`) keeps the state of every array
+# but KP's feedback.
+_OWN_STATE = ".inner_states['own'].inner_state"
+
+
+def untied_state(config: TrainConfig, params: PyTree) -> PyTree | None:
+    """The optimiser state a KP run without decay had before its feedback took its
+    weight's update (checkpoints written before `tie_feedback`), as the structure to
+    read such a checkpoint into; `None` for every other run (its layout is today's).
+    """
+    return _own(config).init(params) if _tied(config) else None
+
+
+def tie_state(untied: PyTree, like: PyTree) -> PyTree:
+    """The state `untied` (see `untied_state`) in today's layout, `like`: the same
+    arrays, without the feedback's copies of its weight's moments."""
+    arrays = {
+        jax.tree_util.keystr(path): x
+        for path, x in jax.tree_util.tree_flatten_with_path(untied)[0]
+    }
+
+    def pick(path, _):
+        key = jax.tree_util.keystr(path)
+        assert key.startswith(_OWN_STATE), key
+        return arrays[key.removeprefix(_OWN_STATE)]
+
+    return jax.tree_util.tree_map_with_path(pick, like)
 
 
 def partition(model: PyTree) -> tuple[PyTree, PyTree]:

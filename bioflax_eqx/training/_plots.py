@@ -80,15 +80,38 @@ def _series(history: Sequence[dict[str, Any]], metric: str) -> list[str]:
     return layers + [k for k in keys if k == f"{metric}/global"]
 
 
-def _through_epochs(history: Sequence[dict[str, Any]]) -> tuple[list, list]:
-    """The training loss through each epoch (`train_loss_curve`: the means over
-    equal stretches of its steps), each at its stretch's middle."""
-    xs, ys = [], []
+def training_curve(
+    history: Sequence[Mapping[str, Any]],
+) -> tuple[list[float], list[float]]:
+    """A run's training loss through its epochs, against a continuous epoch axis.
+
+    An epoch's `train_loss_curve` holds the mean loss over consecutive stretches of
+    its steps, `n` in all; stretch `i` of epoch `k` is drawn at its middle,
+    `k - 1 + (i + 1/2) / n`. An epoch recorded without a curve (runs from before the
+    trainer kept it) gives its mean `train_loss`, at the middle of the epoch.
+
+    ```python
+    result = bfx.train(config)
+    epochs, losses = bfx.training_curve(result.history)
+    ```
+
+    **Arguments:**
+
+    - `history`: a run's epoch records in order, the lines of its `metrics.jsonl`
+        (`TrainResult.history`, or [`bioflax_eqx.load_run`][]'s).
+
+    **Returns:**
+
+    `(epochs, losses)`, two lists of floats of one length; a loss that was not
+    finite (`null` in the file) is `nan`.
+    """
+    epochs, losses = [], []
     for record in history:
-        curve = record["train_loss_curve"]
-        xs += [record["epoch"] - 1 + (i + 0.5) / len(curve) for i in range(len(curve))]
-        ys += [math.nan if v is None else v for v in curve]
-    return xs, ys
+        curve = record.get("train_loss_curve") or [record["train_loss"]]
+        n = len(curve)
+        epochs += [record["epoch"] - 1 + (i + 0.5) / n for i in range(n)]
+        losses += [math.nan if v is None else float(v) for v in curve]
+    return epochs, losses
 
 
 def plot_learning_curves(
@@ -103,7 +126,7 @@ def plot_learning_curves(
     fig, axes = _figure(2 if classification else 1, epochs)
     for split in ("train", "val", "test"):
         if split == "train" and history[0].get("train_loss_curve"):
-            axes[0].plot(*_through_epochs(history), "-", label="train (during)")
+            axes[0].plot(*training_curve(history), "-", label="train (during)")
             axes[0].set_xlim(min(epochs) - 1, max(epochs) + 0.1)
             axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
         elif f"{split}_loss" in history[0]:

@@ -27,7 +27,7 @@ from ._config import ConfigError, TrainConfig, io_shapes
 from ._extras import progress
 from ._language import evaluate_text, load_corpus, text_evaluation_data, text_record
 from ._mesh import is_primary, make_mesh, replicated
-from ._optimizer import optimizer, partition
+from ._optimizer import optimizer, partition, tie_state, untied_state
 from ._records import (
     CONFIG_NAME,
     TrainResult,
@@ -91,10 +91,22 @@ def _fresh(
     return _Training(params, static, state, opt_state, train_key, characters=characters)
 
 
-def _restore(training: _Training, folder: pathlib.Path, payload: bytes) -> _Training:
+def _restore(
+    config: TrainConfig, training: _Training, folder: pathlib.Path, payload: bytes
+) -> _Training:
     """`training` (fresh, as the structure to load into) with the arrays of the
     checkpoint whose bytes are `payload`."""
-    params, opt_state, rng_data, state = load_state(folder, payload, training.arrays())
+    like = training.arrays()
+    untied = untied_state(config, training.params)
+    try:
+        params, opt_state, rng_data, state = load_state(folder, payload, like)
+    except CheckpointError:
+        if untied is None:
+            raise
+        # Written before KP's feedback took its weight's update: the same run.
+        like = (like[0], untied, *like[2:])
+        params, opt_state, rng_data, state = load_state(folder, payload, like)
+        opt_state = tie_state(opt_state, training.opt_state)
     rng = jax.random.wrap_key_data(rng_data)
     return dataclasses.replace(
         training, params=params, opt_state=opt_state, rng=rng, state=state
@@ -278,7 +290,7 @@ class _Run:
                 f"the checkpoint in {self.out} was trained on a corpus of another "
                 "vocabulary than the one read now; resume on the same text."
             )
-        training = _restore(training, self.out, payload)
+        training = _restore(self.config, training, self.out, payload)
         training.history = list(header["history"])
         training.elapsed = float(header["elapsed_s"])
         if self.writes is not None:
@@ -405,7 +417,7 @@ def load_run(
     with jax.numpy_dtype_promotion("standard"):
         keys = jax.random.split(jax.random.key(config.seed), 4)
         fresh = _fresh(config, keys[1], keys[2], model, state, characters)
-        trained = _restore(fresh, folder, payload)
+        trained = _restore(config, fresh, folder, payload)
     history = list(header["history"])
     result = summary(config, trained.model, history, characters)
     return TrainResult(
