@@ -9,7 +9,8 @@ data and initial model), `_mesh` (many devices), `_optimizer` (schedule, optimis
 what it trains), `_losses`, `_compiled` (the trainer's compiled epoch and
 evaluation), `_records` (a run's
 files and summary), `_language` (a language model's corpus, evaluation and
-records), `_checkpoint`, `_run` (`train`, `load_run`), `_sample` (text from a
+records), `_checkpoint`, `_run_state` (a run between epochs: its fresh start and
+its restore from a checkpoint), `_run` (`train`, `load_run`), `_sample` (text from a
 trained language model), `_compare`, `_extras` (progress bar and plots when
 installed), `_plots`, `_cli`."""
 

@@ -14,20 +14,18 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import equinox as eqx
 import jax
 from jax.sharding import Mesh
-from jaxtyping import Array, PRNGKeyArray, PyTree
+from jaxtyping import Array, PRNGKeyArray
 
 from ..data import Dataset, TextCorpus
 from . import _compiled
-from ._build import check_custom, initial_model, load_data
-from ._checkpoint import CheckpointError, load_state, read_header, save_checkpoint
+from ._build import check_custom, load_data
+from ._checkpoint import CheckpointError, read_header, save_checkpoint
 from ._config import ConfigError, TrainConfig, io_shapes
 from ._extras import progress
 from ._language import evaluate_text, load_corpus, text_evaluation_data, text_record
 from ._mesh import is_primary, make_mesh, replicated
-from ._optimizer import optimizer, partition, tie_state, untied_state
 from ._records import (
     CONFIG_NAME,
     TrainResult,
@@ -41,76 +39,12 @@ from ._records import (
     write_history,
     write_json,
 )
+from ._run_state import RunState, fresh, restore
 
 
 class DivergedError(FloatingPointError):
     """The loss or the parameters became NaN or infinite; training stopped and the
     last good checkpoint was kept."""
-
-
-@dataclasses.dataclass
-class _Training:
-    """A run between two epochs: what its checkpoint holds (the trained arrays,
-    the model's state, the optimiser's state, the RNG; the history and time so
-    far), and the rest of the model (`static`)."""
-
-    params: PyTree
-    static: PyTree
-    state: Any
-    opt_state: PyTree
-    rng: PRNGKeyArray
-    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    elapsed: float = 0.0
-    characters: str | None = None  # a text data set's vocabulary
-
-    @property
-    def model(self) -> Any:
-        return eqx.combine(self.params, self.static)
-
-    def arrays(self) -> tuple[PyTree, PyTree, Array, Any]:
-        """The arrays a checkpoint saves, in its order."""
-        return self.params, self.opt_state, jax.random.key_data(self.rng), self.state
-
-
-def _fresh(
-    config: TrainConfig,
-    model_key: PRNGKeyArray,
-    train_key: PRNGKeyArray,
-    model: Any,
-    state: Any,
-    characters: str | None = None,
-) -> _Training:
-    """The run before its first epoch: the model built from `model_key` (or the
-    custom `model` and `state`; a language model's output is the vocabulary of
-    `characters` and the unknown symbol), the optimiser's initial state, and
-    `train_key`."""
-    vocab_size = None if characters is None else len(characters) + 1
-    model, state = initial_model(config, model_key, model, state, vocab_size)
-    params, static = partition(model)
-    opt_state = optimizer(config).init(params)
-    return _Training(params, static, state, opt_state, train_key, characters=characters)
-
-
-def _restore(
-    config: TrainConfig, training: _Training, folder: pathlib.Path, payload: bytes
-) -> _Training:
-    """`training` (fresh, as the structure to load into) with the arrays of the
-    checkpoint whose bytes are `payload`."""
-    like = training.arrays()
-    untied = untied_state(config, training.params)
-    try:
-        params, opt_state, rng_data, state = load_state(folder, payload, like)
-    except CheckpointError:
-        if untied is None:
-            raise
-        # Written before KP's feedback took its weight's update: the same run.
-        like = (like[0], untied, *like[2:])
-        params, opt_state, rng_data, state = load_state(folder, payload, like)
-        opt_state = tie_state(opt_state, training.opt_state)
-    rng = jax.random.wrap_key_data(rng_data)
-    return dataclasses.replace(
-        training, params=params, opt_state=opt_state, rng=rng, state=state
-    )
 
 
 def train(
@@ -242,7 +176,7 @@ class _Run:
         # written, as every data set: a missing one leaves no folder behind.
         corpus = load_corpus(config) if config.text else None
         characters = None if corpus is None else corpus.characters
-        training = _fresh(config, model_key, train_key, model, state, characters)
+        training = fresh(config, model_key, train_key, model, state, characters)
         if checkpoint is not None:
             training = self._resume(training, *checkpoint)
         if len(training.history) == config.epochs:  # resuming a finished run
@@ -270,7 +204,7 @@ class _Run:
                     self.callback(record)
         return self._finish(training)
 
-    def _finish(self, training: _Training) -> TrainResult:
+    def _finish(self, training: RunState) -> TrainResult:
         return finish(
             self.config,
             self.writes,
@@ -281,8 +215,8 @@ class _Run:
         )
 
     def _resume(
-        self, training: _Training, header: dict[str, Any], payload: bytes
-    ) -> _Training:
+        self, training: RunState, header: dict[str, Any], payload: bytes
+    ) -> RunState:
         assert self.out is not None  # resuming needs `out` (checked by `train`)
         saved = header.get("characters")
         if saved != training.characters:
@@ -290,7 +224,7 @@ class _Run:
                 f"the checkpoint in {self.out} was trained on a corpus of another "
                 "vocabulary than the one read now; resume on the same text."
             )
-        training = _restore(self.config, training, self.out, payload)
+        training = restore(self.config, training, self.out, payload)
         training.history = list(header["history"])
         training.elapsed = float(header["elapsed_s"])
         if self.writes is not None:
@@ -303,7 +237,7 @@ class _Run:
                 )
         return training
 
-    def _save(self, writes: pathlib.Path, training: _Training) -> None:
+    def _save(self, writes: pathlib.Path, training: RunState) -> None:
         header = {
             "config": self.config.to_dict(),
             "epoch": len(training.history),
@@ -317,7 +251,7 @@ class _Run:
 
     def _epochs(
         self,
-        training: _Training,
+        training: RunState,
         data: Dataset | TextCorpus,
         metrics_key: PRNGKeyArray,
     ) -> Iterator[dict[str, Any]]:
@@ -416,8 +350,8 @@ def load_run(
     characters = header.get("characters")  # a text data set's vocabulary
     with jax.numpy_dtype_promotion("standard"):
         keys = jax.random.split(jax.random.key(config.seed), 4)
-        fresh = _fresh(config, keys[1], keys[2], model, state, characters)
-        trained = _restore(config, fresh, folder, payload)
+        initial = fresh(config, keys[1], keys[2], model, state, characters)
+        trained = restore(config, initial, folder, payload)
     history = list(header["history"])
     result = summary(config, trained.model, history, characters)
     return TrainResult(
