@@ -302,7 +302,7 @@ def _report(
     args, chosen_lr, best_val, histories, seconds, summaries, figures, pilot_text
 ) -> str:
     published = BIOTORCH[args.dataset]
-    rows, search_rows, missed, beaten = [], [], [], []
+    rows, search_rows, missed, beaten, narrow = [], [], [], [], []
     for rule, runs in histories.items():
         chosen = [_chosen(h) for h in runs]
         test = [_error(row, "test") for row in chosen]
@@ -311,6 +311,8 @@ def _report(
         gap = "—" if theirs is None else f"{mean - theirs:+.2f}"
         if theirs is not None and mean < theirs - 0.005:
             beaten.append(f"{rule} by {theirs - mean:.2f}")
+            if len(test) > 1 and theirs - mean < statistics.stdev(test):
+                narrow.append(rule)
         elif theirs is not None:  # a tie to two decimals is not a win
             missed.append(
                 f"{rule} by {mean - theirs:.2f} points"
@@ -343,6 +345,11 @@ def _report(
         else f"Beaten: {', '.join(beaten) or 'none'} points. **Missed** (mean test "
         f"error not below biotorch's): {', '.join(missed)}."
     )
+    if narrow:
+        verdict += (
+            f" The margin is smaller than our seeds' standard deviation for "
+            f"{', '.join(narrow)}: another set of seeds could land on either side."
+        )
     # Runs whose best validation epoch is among the last two were still learning:
     # where a longer budget would go.
     late = {
