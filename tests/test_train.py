@@ -639,6 +639,36 @@ def test_resnet20_counts_cifar_parameters():
     assert _params(eqx.filter(model, eqx.is_inexact_array)) == 269_722
 
 
+def test_a_residual_block_hands_its_key_to_both_convolutions():
+    # brSF draws its feedback magnitudes on every call, from the call's key: a block
+    # that dropped its key could not train with it (ResNet-20 failed so).
+    block = models.ResidualBlock(2, 4, 2, jax.nn.relu, key=jax.random.key(0))
+    block, state = eqx.nn.make_with_state(lambda: block)()
+    brsf = bfx.convert(block, "brsf", key=jax.random.key(1))
+    assert isinstance(brsf.conv1, bfx.BRSF) and isinstance(brsf.conv2, bfx.BRSF)
+    x = jax.random.normal(jax.random.key(2), (3, 2, 6, 6), jnp.float32)
+
+    def input_grad(key):
+        def loss(x):
+            y, _ = jax.vmap(
+                lambda xi, s: brsf(xi, s, key=key),
+                axis_name=models.BATCH_AXIS,
+                in_axes=(0, None),
+                out_axes=(0, None),
+            )(x, state)
+            return jnp.sum(y**2)
+
+        return jax.grad(loss)(x)
+
+    with jax.numpy_dtype_promotion("standard"):
+        first = input_grad(jax.random.key(3))
+        again = input_grad(jax.random.key(3))
+        other = input_grad(jax.random.key(4))
+        with pytest.raises(ValueError, match="pass `key=`"):
+            input_grad(None)
+    assert eqx.tree_equal(first, again) and not tree_allclose(first, other)
+
+
 @pytest.mark.parametrize("model", ["lenet", "vgg", "resnet20"])
 def test_every_rule_of_a_conv_net_starts_from_the_same_weights(model):
     plain = _plain(_build(_conv(model, "bp")))

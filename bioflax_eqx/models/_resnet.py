@@ -82,16 +82,17 @@ class ResidualBlock(eqx.nn.StatefulLayer):
 
         - `x`: one image `(C, H, W)`.
         - `state`: the batch norms' state.
-        - `key`: unused.
+        - `key`: split between the two convolutions (a rule that draws feedback on
+            every call, such as brSF, needs it; the others ignore it).
 
         **Returns:**
 
         The block's output and the updated state.
         """
-        del key
-        h, state = self.norm1(self.conv1(x), state)
+        key1, key2 = (None, None) if key is None else jax.random.split(key)
+        h, state = self.norm1(self.conv1(x, key=key1), state)
         h = self.activation(h)
-        h, state = self.norm2(self.conv2(h), state)
+        h, state = self.norm2(self.conv2(h, key=key2), state)
         shortcut = x[:, :: self.stride, :: self.stride]
         if self.extra_channels:
             shortcut = jnp.pad(shortcut, ((0, self.extra_channels), (0, 0), (0, 0)))
