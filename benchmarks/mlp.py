@@ -18,7 +18,7 @@ import bioflax_eqx as bfx
 from . import _timing as T, _torch
 
 
-# The targets of issue 8, as rule: limit on the Adam step (and the gradient).
+# The targets of issue 8, as rule: limit on the Adam step.
 STEP_TARGETS = {"fa": 1.05, "usf": 1.05, "frsf": 1.05, "brsf": 1.15}
 DFA_TARGET = 0.90
 KP_STEP_TARGET = 1.25

@@ -64,10 +64,10 @@ def restore(
     """`training` (fresh, as the structure to load into) with the arrays of the
     checkpoint whose bytes are `payload`."""
     like = training.arrays()
-    untied = untied_state(config, training.params)
     try:
         params, opt_state, rng_data, state = load_state(folder, payload, like)
     except CheckpointError:
+        untied = untied_state(config, training.params)
         if untied is None:
             raise
         # Written before KP's feedback took its weight's update: the same run.
