@@ -8,7 +8,6 @@ import json
 import pathlib
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 
@@ -16,10 +15,10 @@ from .._registry import RULES
 from ..data import DataNotFoundError
 from ..data._download import cache_dir
 from ._checkpoint import CheckpointError, read_header
-from ._compare import compare, comparison_rows
+from ._compare import compare, format_table, summary_line
 from ._config import ConfigError, TrainConfig, field_type
 from ._mesh import is_primary
-from ._records import CONFIG_NAME, TrainResult
+from ._records import CONFIG_NAME
 from ._run import DivergedError, train
 from ._sample import sample_run
 
@@ -209,71 +208,6 @@ def _config(args: argparse.Namespace, default_out: str) -> TrainConfig:
     return TrainConfig(**given)
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _angles(values: list[float | None]) -> str:
-    if all(v is None for v in values):
-        return "-"
-    return "/".join(_fmt(v, ".0f") for v in values)
-
-
-# What the table's angle columns are (in full on the docs' Training page, Metrics).
-_ANGLES_NOTE = (
-    "Angles in degrees at the last epoch (0 aligned, 90 unrelated): ∠grad, the "
-    "rule's\nweight update against backprop's gradient, all layers; ∠δ, each "
-    "layer's error\nsignal against backprop's, from the input; ∠(W,B), each layer's "
-    "forward weights\nagainst its feedback. See the Metrics section of the docs' "
-    "Training page."
-)
-
-
-def format_table(results: dict[str, TrainResult]) -> str:
-    """The comparison as a plain-text table."""
-    header = [
-        "rule",
-        "test acc",
-        "test loss",
-        "∠grad",
-        "∠δ per layer",
-        "∠(W,B) per layer",
-        "s/epoch",
-    ]
-    rows = [header]
-    for row in comparison_rows(results):
-        acc = row["test_acc"]
-        rows.append(
-            [
-                row["rule"],
-                "-" if acc is None else f"{100 * acc:.2f}%",
-                _fmt(row["test_loss"], ".4f"),
-                _fmt(row["grad_angle"], ".1f"),
-                _angles(row["delta_angles"]),
-                _angles(row["weight_angles"]),
-                _fmt(row["time_per_epoch_s"], ".2f"),
-            ]
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(_ANGLES_NOTE)
-    return "\n".join(lines)
-
-
-def _report(result: TrainResult) -> str:
-    final: dict[str, Any] = result.history[-1]
-    config = result.config
-    parts = [f"{config.rule} {config.model} on {config.dataset}"]
-    parts.append(f"epoch {final['epoch']}")
-    if final.get("test_acc") is not None:
-        parts.append(f"test accuracy {100 * final['test_acc']:.2f}%")
-    parts.append(f"test loss {_fmt(final.get('test_loss'), '.4f')}")
-    if final.get("grad_angle/global") is not None:
-        parts.append(f"∠grad {final['grad_angle/global']:.1f}°")
-    return ", ".join(parts) + f"; written to {result.config.out}"
-
-
 def _kept(config: TrainConfig, command: str) -> str:
     """What an interrupted run left in `config.out`, for the message."""
     if config.out is None or not is_primary():
@@ -375,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet
             )
             if not args.quiet and is_primary():
-                print(_report(result))
+                print(summary_line(result))
         else:
             results = compare(
                 config,

@@ -115,3 +115,69 @@ def comparison_rows(results: dict[str, TrainResult]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _angles(values: list[float | None]) -> str:
+    if all(v is None for v in values):
+        return "-"
+    return "/".join(_fmt(v, ".0f") for v in values)
+
+
+# What the table's angle columns are (in full on the docs' Training page, Metrics).
+_ANGLES_NOTE = (
+    "Angles in degrees at the last epoch (0 aligned, 90 unrelated): ∠grad, the "
+    "rule's\nweight update against backprop's gradient, all layers; ∠δ, each "
+    "layer's error\nsignal against backprop's, from the input; ∠(W,B), each layer's "
+    "forward weights\nagainst its feedback. See the Metrics section of the docs' "
+    "Training page."
+)
+
+
+def format_table(results: dict[str, TrainResult]) -> str:
+    """The comparison as a plain-text table."""
+    header = [
+        "rule",
+        "test acc",
+        "test loss",
+        "∠grad",
+        "∠δ per layer",
+        "∠(W,B) per layer",
+        "s/epoch",
+    ]
+    rows = [header]
+    for row in comparison_rows(results):
+        acc = row["test_acc"]
+        rows.append(
+            [
+                row["rule"],
+                "-" if acc is None else f"{100 * acc:.2f}%",
+                _fmt(row["test_loss"], ".4f"),
+                _fmt(row["grad_angle"], ".1f"),
+                _angles(row["delta_angles"]),
+                _angles(row["weight_angles"]),
+                _fmt(row["time_per_epoch_s"], ".2f"),
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(_ANGLES_NOTE)
+    return "\n".join(lines)
+
+
+def summary_line(result: TrainResult) -> str:
+    """One run's outcome in a line, as `train` prints it."""
+    final: dict[str, Any] = result.history[-1]
+    config = result.config
+    parts = [f"{config.rule} {config.model} on {config.dataset}"]
+    parts.append(f"epoch {final['epoch']}")
+    if final.get("test_acc") is not None:
+        parts.append(f"test accuracy {100 * final['test_acc']:.2f}%")
+    parts.append(f"test loss {_fmt(final.get('test_loss'), '.4f')}")
+    if final.get("grad_angle/global") is not None:
+        parts.append(f"∠grad {final['grad_angle/global']:.1f}°")
+    return ", ".join(parts) + f"; written to {result.config.out}"
