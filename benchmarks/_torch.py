@@ -143,7 +143,7 @@ def case(model, x_all, y_all, batch: int) -> TorchCase:
 
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     x_all = torch.from_numpy(np.array(x_all))  # a writable copy
-    y_all = torch.from_numpy(np.asarray(y_all).astype(np.int64))
+    y_all = torch.from_numpy(np.array(y_all).astype(np.int64))
     x, y = x_all[:batch], y_all[:batch]
     generator = torch.Generator().manual_seed(0)
     steps = x_all.shape[0] // batch
@@ -173,3 +173,32 @@ def mlp_case(rule: str, sizes: Sequence[int], x_all, y_all, batch: int) -> Torch
 
 def lenet_case(rule: str, x_all, y_all, batch: int) -> TorchCase:
     return case(lenet(rule), x_all, y_all, batch)
+
+
+def conv_op(layer, op: str, x):
+    """`op` (`"forward"`, `"input gradient"`, `"weight gradient"`) of the Equinox
+    2-D convolution `layer` (its weight, bias, stride and padding) in PyTorch, on
+    the batch `x` (a JAX array), as a call that runs it once; `None` for any other
+    layer (a pool's column stays empty)."""
+    import equinox as eqx
+    import torch  # pyright: ignore[reportMissingImports]
+    from torch.nn import functional as F  # pyright: ignore[reportMissingImports]
+    from torch.nn.grad import (  # pyright: ignore[reportMissingImports]
+        conv2d_input,
+        conv2d_weight,
+    )
+
+    if not isinstance(layer, eqx.nn.Conv2d):
+        return None
+    weight = torch.from_numpy(np.array(layer.weight))
+    bias = None if layer.bias is None else torch.from_numpy(np.array(layer.bias))
+    bias = None if bias is None else bias.reshape(-1)
+    xt = torch.from_numpy(np.array(x))
+    stride, padding = tuple(layer.stride), tuple(lo for lo, _ in layer.padding)
+    out = F.conv2d(xt, weight, bias, stride=stride, padding=padding)
+    g = torch.randn_like(out)
+    if op == "forward":
+        return lambda: F.conv2d(xt, weight, bias, stride=stride, padding=padding)
+    if op == "input gradient":
+        return lambda: conv2d_input(xt.shape, weight, g, stride=stride, padding=padding)
+    return lambda: conv2d_weight(xt, weight.shape, g, stride=stride, padding=padding)

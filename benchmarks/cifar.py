@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 import bioflax_eqx as bfx
 
-from . import _timing as T
+from . import _timing as T, _torch, conv_ops
 
 
 IMAGE = (3, 32, 32)
@@ -41,11 +41,12 @@ class Setup:
     steps: int  # per epoch: the data set is `steps * batch` random images
     epoch_repeats: int
     smoke: bool
+    op_repeats: int  # rounds of ResNet-20's per-op table
 
 
 # 5 rounds of 24 steps: the time of 3 rounds of 40, a steadier median.
-FULL = Setup(bfx.RULES, tuple(MODELS), 128, 24, 5, False)
-SMOKE = Setup(("bp", "fa"), tuple(MODELS), 8, 2, 1, True)
+FULL = Setup(bfx.RULES, tuple(MODELS), 128, 24, 5, False, 5)
+SMOKE = Setup(("bp", "fa"), tuple(MODELS), 8, 2, 1, True, 1)
 
 
 def random_data(setup: Setup) -> tuple[jax.Array, jax.Array]:
@@ -181,6 +182,12 @@ def run(
             + (f" (PyTorch's: {torch_bp:.2f} s)" if torch_bp else "")
             + ".\n"
         )
+    if "resnet20" in setup.models:
+        print(f"resnet20: timing each op ({setup.op_repeats} rounds) ...")
+        add("### ResNet-20's convolutions, op by op\n")
+        torch_op = _torch.conv_op if use_torch else None
+        layers = conv_ops.resnet_layers()
+        lines += conv_ops.lines(setup.batch, setup.op_repeats, layers, torch_op)
     return lines, verdicts
 
 

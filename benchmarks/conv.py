@@ -179,7 +179,9 @@ def run(
         )
     add("")
     say(f"lenet: timing each op ({setup.op_repeats} rounds) ...")
-    lines += conv_ops.lines(setup.batch, setup.op_repeats)
+    torch_op = _torch.conv_op if use_torch else None
+    layers = conv_ops.lenet_layers()
+    lines += conv_ops.lines(setup.batch, setup.op_repeats, layers, torch_op)
     return lines, verdicts
 
 

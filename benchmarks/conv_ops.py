@@ -1,8 +1,9 @@
-"""Where a LeNet-5 step spends its time, op by op: the forward pass, the weight
-gradient and the input gradient of each of its convolutions and pools, on both
+"""Where a conv net's step spends its time, op by op: the forward pass, the weight
+gradient and the input gradient of LeNet-5's convolutions and pools, or of
+ResNet-20's 3×3 convolutions, on both
 paths (`conv_path="xla"`: Equinox's layers; `"im2col"`: `bfx.im2col_layers`), as a
 plain jitted call and inside a `lax.scan` (as in a training epoch). `conv.py`
-puts the table in its report."""
+and `cifar.py` put the tables in their reports."""
 
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +21,10 @@ from . import _timing as T
 SCAN_LENGTH = 8  # iterations of the loop that each op is timed in
 
 
-def _layers() -> list[tuple[str, Any, tuple[int, ...]]]:
+Layers = list[tuple[str, Any, tuple[int, ...]]]
+
+
+def lenet_layers() -> Layers:
     """LeNet-5's convolutions and pools on MNIST, with one example's input shape."""
     k1, k2 = jax.random.split(jax.random.key(0))
     conv1 = eqx.nn.Conv2d(1, 6, 5, padding=2, dtype=T.DTYPE, key=k1)
@@ -75,15 +79,37 @@ def _bound(compiled, *args) -> Callable[[], Any]:
     return lambda: compiled(*args)
 
 
-def lines(batch: int, repeats: int) -> list[str]:
-    """The per-op table: milliseconds per call of each op, both paths, plain and
-    in a loop (medians of `repeats` interleaved rounds)."""
+def resnet_layers() -> Layers:
+    """ResNet-20's 3×3 convolutions on CIFAR, one per stage (stride 1, padding 1)."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    return [
+        (
+            f"conv {c}→{c}, 3×3, {n}×{n}",
+            eqx.nn.Conv2d(c, c, 3, padding=1, use_bias=False, dtype=T.DTYPE, key=k),
+            (c, n, n),
+        )
+        for k, c, n in zip(keys, (16, 32, 64), (32, 16, 8))
+    ]
+
+
+def lines(
+    batch: int,
+    repeats: int,
+    layers: Layers,
+    torch_op: Callable[[Any, str, Any], Callable[[], Any] | None] | None = None,
+) -> list[str]:
+    """The per-op table of `layers`: milliseconds per call of each op, both
+    paths, plain and in a loop (medians of `repeats` interleaved rounds), and
+    with `torch_op(layer, op, x)` PyTorch's call of the op in a last column."""
     entries: dict[Any, Callable[[], Any]] = {}
     rows = []
-    for i, (name, layer, shape) in enumerate(_layers()):
+    for i, (name, layer, shape) in enumerate(layers):
         x = jax.random.normal(jax.random.key(1), (batch, *shape), T.DTYPE)
         for op_name, op in _ops(layer).items():
             rows.append((i, name, op_name))
+            torch_call = None if torch_op is None else torch_op(layer, op_name, x)
+            if torch_call is not None:
+                entries[i, op_name, "torch"] = torch_call
             for path, lower in (("xla", lambda m: m), ("im2col", bfx.im2col_layers)):
                 model = lower(layer)
                 g_shape = jax.eval_shape(lambda x: jax.vmap(model)(x), x).shape
@@ -102,20 +128,33 @@ def lines(batch: int, repeats: int) -> list[str]:
         scale = SCAN_LENGTH if where == "scan" else 1
         return f"{1e3 * t[i, op_name, path, where] / scale:.2f}"
 
+    def torch_ms(i, op_name):
+        seconds = t.get((i, op_name, "torch"))
+        return "" if seconds is None else f"{1e3 * seconds:.2f}"
+
     out = [
         f"Per op, batch {batch}, float32: milliseconds per call as a plain jitted "
         f"call and per iteration inside a `lax.scan` of {SCAN_LENGTH} (as in an "
         "epoch); medians of interleaved rounds. `xla`: Equinox's layers "
         "(`lax.conv_general_dilated`, `lax.reduce_window`); `im2col`: "
-        "`bfx.Im2colConv` and `bfx.BlockMaxPool`.",
+        "`bfx.Im2colConv` and `bfx.BlockMaxPool`"
+        + (
+            "; PyTorch: `F.conv2d` and `torch.nn.grad.conv2d_input` / "
+            "`conv2d_weight`, eager (convolutions only)."
+            if torch_op
+            else "."
+        ),
         "",
-        "| layer | op | xla, plain | xla, in scan | im2col, plain | im2col, in scan |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| layer | op | xla, plain | xla, in scan | im2col, plain | im2col, in scan "
+        + ("| PyTorch |" if torch_op else "|"),
+        "| --- " * (7 if torch_op else 6) + "|",
     ]
     for i, name, op_name in rows:
         cells = [
             ms(i, op_name, p, w) for p in ("xla", "im2col") for w in ("plain", "scan")
         ]
+        if torch_op:
+            cells.append(torch_ms(i, op_name))
         out.append(f"| {name} | {op_name} | " + " | ".join(cells) + " |")
     out.append("")
     return out

@@ -74,8 +74,12 @@ def test_smoke_run_writes_a_report(scripts, tmp_path, mnist_dir):
     # Every ratio is relative to backprop, measured in the same run.
     assert "| bp | 1.00× | 1.00× |" in mlp
     assert "| bp | 1.00× | 1.00× | 1.00× |" in lenet
-    for net in cifar.split("### ")[1:]:  # VGG, ResNet-20: their epochs
+    vgg, resnet, resnet_ops = cifar.split("### ")[1:]
+    for net in (vgg, resnet):  # their epochs
         assert "| bp | 1.00× |" in net and "| fa | " in net
+    # Where ResNet-20's time goes: each stage's convolution, op by op, both paths.
+    assert resnet_ops.startswith("ResNet-20's convolutions, op by op")
+    assert "| conv 64→64, 3×3, 8×8 | weight gradient | " in resnet_ops
 
 
 def test_smoke_never_overwrites_the_results(scripts):
