@@ -89,6 +89,7 @@ def test_augmentation_and_batch_are_chosen_by_backprops_validation(tmp_path):
     _write_run(runs / "bp-shift-flip-b64-lr0.003-seed0", [(0.88, 0.99), (0.89, 0.99)])
     _write_run(runs / "bp-shift-flip-b128-lr0.003-seed0", [(0.8, 0.99), (0.8, 0.99)])
     _write_run(runs / "bp-none-b64-lr0.001-seed0", [(0.80, 0.80), (0.91, 0.87)])
+    _write_run(runs / "bp-none-b64-lr0.0003-seed0", [(0.70, 0.70), (0.88, 0.88)])
     out = tmp_path / "table.md"
     args = ["--dataset", "fashion_mnist", "--rules", "bp", "--seeds", "1"]
     args += ["--epochs", "2", "--report-only", "--runs", str(runs), "--results"]
@@ -103,7 +104,8 @@ def test_augmentation_and_batch_are_chosen_by_backprops_validation(tmp_path):
     assert "| `shift-flip` | 64 | 11.00 |" in text
     flat = " ".join(text.split())  # the protocol is a wrapped paragraph
     assert "batch 64, augmentation `none` (no augmentation; augmentation among" in flat
-    # bp: lr 0.003 (validation 8 % against 9 %), its epoch 2: 14 % test error.
+    # bp: lr 0.003 (validation 8 % against 9 % and 12 %), its epoch 2: 14 % test
+    # error.
     assert "| bp | **14.00 ± 0.00** | 9.2 | +4.80 | 8.00 ± 0.00 | 0.003 | 2 |" in text
 
 
