@@ -179,7 +179,8 @@ def conv_op(layer, op: str, x):
     """`op` (`"forward"`, `"input gradient"`, `"weight gradient"`) of the Equinox
     2-D convolution `layer` (its weight, bias, stride and padding) in PyTorch, on
     the batch `x` (a JAX array), as a call that runs it once; `None` for any other
-    layer (a pool's column stays empty)."""
+    layer (a pool's column stays empty) and for uneven padding, which
+    `F.conv2d` does not take."""
     import equinox as eqx
     import torch  # pyright: ignore[reportMissingImports]
     from torch.nn import functional as F  # pyright: ignore[reportMissingImports]
@@ -188,11 +189,13 @@ def conv_op(layer, op: str, x):
         conv2d_weight,
     )
 
-    if not isinstance(layer, eqx.nn.Conv2d):
+    if not isinstance(layer, eqx.nn.Conv2d) or any(
+        lo != hi for lo, hi in layer.padding
+    ):
         return None
     weight = torch.from_numpy(np.array(layer.weight))
     bias = None if layer.bias is None else torch.from_numpy(np.array(layer.bias))
-    bias = None if bias is None else bias.reshape(-1)
+    bias = None if bias is None else bias.reshape(-1)  # Equinox's is (out, 1, 1)
     xt = torch.from_numpy(np.array(x))
     stride, padding = tuple(layer.stride), tuple(lo for lo, _ in layer.padding)
     out = F.conv2d(xt, weight, bias, stride=stride, padding=padding)

@@ -118,10 +118,7 @@ def lines(
                     jitted = eqx.filter_jit(fn)  # `.lower` unknown to pyright
                     lowered = jitted.lower(model, x, g)  # pyright: ignore[reportFunctionMemberAccess]
                     compiled = lowered.compile()
-                    call = (lambda c, m, x, g: lambda: c(m, x, g))(
-                        compiled, model, x, g
-                    )
-                    entries[i, op_name, path, where] = call
+                    entries[i, op_name, path, where] = _bound(compiled, model, x, g)
     t = T.interleaved(entries, repeats, 1, seed=4)
 
     def ms(i, op_name, path, where):
