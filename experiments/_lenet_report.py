@@ -2,6 +2,7 @@
 figures, from the runs `lenet_tables.py` trained (or read back)."""
 
 import dataclasses
+import os
 import pathlib
 import platform
 import statistics
@@ -36,7 +37,6 @@ AUGMENTS = {
     "shift": "random shifts of up to 2 pixels",
     "shift-flip": "random shifts of up to 2 pixels and random horizontal flips",
 }
-FIGURES = pathlib.Path("docs/figures")
 HEADER = (
     "| rule | test error (%) | biotorch (%) | ours − biotorch (points) "
     "| validation error (%) | augmentation | learning rate | epochs chosen "
@@ -85,14 +85,16 @@ def error(row: dict, split: str) -> float:
     return 100 * (1 - row[f"{split}_acc"])
 
 
-def figures(dataset: str, histories: dict[str, list[list[dict]]]) -> list[str]:
-    """Test error and δ angles over epochs (mean over seeds), one line per rule;
-    returns the figures' paths relative to the repository root."""
+def figures(
+    dataset: str, histories: dict[str, list[list[dict]]], folder: pathlib.Path
+) -> list[pathlib.Path]:
+    """Test error and δ angles over epochs (mean over seeds), one line per rule,
+    written to `folder`; returns their paths."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    FIGURES.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
 
     def mean_curve(runs: list[list[dict]], key) -> tuple[list[int], list[float]]:
         rows = range(len(runs[0]))  # one per epoch, the first being epoch 1
@@ -122,9 +124,9 @@ def figures(dataset: str, histories: dict[str, list[list[dict]]]) -> list[str]:
                 ax.set_ylim(0, 95)
             ax.grid(alpha=0.3)
         fig.axes[-1].legend(fontsize="small", ncols=2)
-        path = FIGURES / f"{dataset}_lenet_{name}.png"
+        path = folder / f"{dataset}_lenet_{name}.png"
         fig.savefig(path, dpi=110)
-        paths.append(str(path))
+        paths.append(path)
     return paths
 
 
@@ -270,14 +272,19 @@ def _protocol(sweep: Sweep) -> str:
     )
 
 
-def report(sweep: Sweep, figure_paths: list[str], cifar: str) -> str:
-    """The results file: the protocol, the table beside biotorch's, the verdict, the
-    pilot and the search, the figures, and `cifar` (extra text) at the end."""
+def report(
+    sweep: Sweep, figure_paths: list[pathlib.Path], results: pathlib.Path, cifar: str
+) -> str:
+    """The results file (to be written to `results`): the protocol, the table beside
+    biotorch's, the verdict, the pilot and the search, the figures (linked relative
+    to the file), and `cifar` (extra text) at the end."""
     rows, verdict = _rows(sweep)
     cpu_minutes = sum(s["total_time_s"] for s in sweep.summaries.values()) / 60
     act = sweep.activation
     data_flag = {"mnist": "mnist", "fashion_mnist": "fashion-mnist"}[sweep.dataset]
-    links = "\n\n".join(f"![{pathlib.Path(p).stem}](../{p})" for p in figure_paths)
+    links = "\n\n".join(
+        f"![{p.stem}]({os.path.relpath(p, results.parent)})" for p in figure_paths
+    )
     return f"""# LeNet-5 on {TITLES[sweep.dataset]}: every rule, {sweep.seeds} seeds, \
 beside biotorch
 

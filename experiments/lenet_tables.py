@@ -19,8 +19,10 @@ Every run goes through `bfx.train` (`bioflax-eqx train --model lenet`'s path) in
 `summary.json` are kept in git (checkpoints and plots are not): a finished run is read
 back, an interrupted one resumes from its checkpoint, so a sweep longer than one
 sitting continues where it stopped, from a clone too. `--jobs 2` trains two runs at a
-time, one per core. `--report-only` rewrites the results from the runs on disk.
-`--cifar-commands` prints the commands for biotorch's CIFAR-10 tables instead (no run).
+time, one per core. `--report-only` rewrites the results from the runs on disk;
+`--results` and `--figures` write the report and its figures elsewhere (a partial
+sweep's, say). `--cifar-commands` prints the commands for biotorch's CIFAR-10
+tables instead (no run).
 """
 
 import argparse
@@ -152,6 +154,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="images read (checks)")
     parser.add_argument("--runs", default=None, help=f"default {RUNS}/<dataset>_lenet")
     parser.add_argument("--results", default=None, help="results/<dataset>_lenet.md")
+    parser.add_argument("--figures", default="docs/figures", help="their folder")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--cifar-commands", action="store_true")
     args = parser.parse_args()
@@ -225,7 +228,8 @@ def main() -> None:
         summaries=summaries,
     )
     cifar = "" if args.dataset != "mnist" else CIFAR_TEXT.format(cifar_commands())
-    text = report(sweep, figures(args.dataset, histories), cifar)
+    paths = figures(args.dataset, histories, pathlib.Path(args.figures))
+    text = report(sweep, paths, pathlib.Path(args.results), cifar)
     write_report(args.results, text)
 
 

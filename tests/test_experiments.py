@@ -48,7 +48,7 @@ def test_rate_and_epoch_are_chosen_on_validation(tmp_path):
     _write_run(runs / "fa-lr0.001-seed0", [(0.95, 0.93), (0.95, 0.99), (0.9, 0.9)])
     _write_run(runs / "fa-lr0.003-seed0", [(0.95, 0.99), (0.94, 0.99), (0.9, 0.99)])
     _write_run(runs / "fa-lr0.001-seed1", [(0.9, 0.9), (0.96, 0.95), (0.96, 0.99)])
-    out = tmp_path / "table.md"
+    out = tmp_path / "results" / "table.md"  # as in the repository: links go up
     args = ["--rules", "bp", "fa", "--seeds", "2", "--epochs", "3", "--report-only"]
     subprocess.run(
         [
@@ -107,7 +107,9 @@ def test_batch_by_the_pilot_then_augmentation_and_rate_per_rule(tmp_path):
     _write_run(runs / f"fa-{flip}-b64-lr0.003-seed0", [(0.87, 0.82), (0.86, 0.9)])
     out = tmp_path / "table.md"
     args = ["--dataset", "fashion_mnist", "--rules", "bp", "fa", "--seeds", "1"]
-    args += ["--epochs", "2", "--report-only", "--runs", str(runs), "--results"]
+    args += ["--epochs", "2", "--report-only", "--runs", str(runs)]
+    # A report elsewhere leaves the repository's figures alone.
+    args += ["--figures", "elsewhere/figures", "--results"]
     subprocess.run(
         [sys.executable, str(SCRIPT), *args, str(out)],
         cwd=tmp_path,
@@ -115,6 +117,10 @@ def test_batch_by_the_pilot_then_augmentation_and_rate_per_rule(tmp_path):
         capture_output=True,
     )
     text = out.read_text()
+    assert not (tmp_path / "docs").exists()
+    for name in ("test_error", "delta_angle"):
+        figure = f"elsewhere/figures/fashion_mnist_lenet_{name}.png"
+        assert (tmp_path / figure).stat().st_size > 0 and f"]({figure})" in text
     assert "| `none` | 64 | 8.00 |" in text and "| `none` | 128 | 9.00 |" in text
     assert f"| `{flip}` | 64 | 11.00 |" in text and "chose batch 64 for" in text
     flat = " ".join(text.split())  # the protocol is a wrapped paragraph
