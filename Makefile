@@ -29,8 +29,8 @@ lint: $(STAMP)
 # (nbclient).
 test: lint
 	PYTHON=$(PYTHON) bash docs/fetch_assets.sh
-	BIOFLAX_EQX_DOCS=1 $(PYTHON) -m pytest --ignore=tests/test_train.py --ignore=tests/test_train_text.py
-	$(PYTHON) -m pytest tests/test_train.py tests/test_train_text.py
+	BIOFLAX_EQX_DOCS=1 $(PYTHON) -m pytest --ignore-glob='tests/test_train*.py'
+	$(PYTHON) -m pytest tests/test_train*.py
 	BIOFLAX_EQX_NOTEBOOKS=1 $(PYTHON) -m pytest tests/notebooks -k runs_top_to_bottom
 
 docs: $(STAMP)

@@ -14,7 +14,7 @@ import bioflax_eqx as bfx
 from bioflax_eqx.training import _checkpoint, _compiled
 from bioflax_eqx.training._cli import compile_cache_dir, main
 
-from .test_train import SMALL
+from .helpers import SMALL
 
 
 def _flags(**options) -> list[str]:
@@ -25,7 +25,7 @@ def _flags(**options) -> list[str]:
 
 
 def _args(out, mnist_dir, *extra, epochs=2, rule="fa") -> list[str]:
-    # The contract's spelling, plus the small configuration of tests/test_train.py
+    # The contract's spelling, plus the small configuration of `helpers.SMALL`
     # (whose compiled programs these runs then share).
     return [
         "train",

@@ -22,7 +22,7 @@ import pytest
 import bioflax_eqx as bfx
 from bioflax_eqx.training._cli import main
 
-from .test_train import SMALL
+from .helpers import SMALL
 
 
 WORKER = pathlib.Path(__file__).resolve().parent / "_devices_worker.py"

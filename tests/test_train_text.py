@@ -18,7 +18,7 @@ import bioflax_eqx as bfx
 from bioflax_eqx.training import _checkpoint, _compiled
 from bioflax_eqx.training._cli import main
 
-from .test_train import _Killed, _lines, _without_times
+from .helpers import Killed, read_lines, without_times
 
 
 _SHAKESPEARE = (
@@ -103,18 +103,18 @@ def test_resume_is_bit_identical(corpus_dir, tmp_path):
 
     def kill_after_epoch_1(record):
         if record["epoch"] == 1:
-            raise _Killed
+            raise Killed
 
     parts_config = tiny(corpus_dir, tmp_path / "parts", **config)
-    with pytest.raises(_Killed):
+    with pytest.raises(Killed):
         bfx.train(parts_config, quiet=True, callback=kill_after_epoch_1)
     resumed = bfx.train(parts_config, resume=True, quiet=True)
     assert _compiled.TRACE_COUNTS == before  # the programs of the first run
     _, whole_payload = _checkpoint.read_header(tmp_path / "whole")
     _, parts_payload = _checkpoint.read_header(tmp_path / "parts")
     assert whole_payload == parts_payload
-    assert _without_times(whole.history) == _without_times(resumed.history)
-    assert len(_lines(tmp_path / "parts" / "metrics.jsonl")) == 2
+    assert without_times(whole.history) == without_times(resumed.history)
+    assert len(read_lines(tmp_path / "parts" / "metrics.jsonl")) == 2
     loaded = bfx.load_run(tmp_path / "parts")
     assert loaded.characters == whole.characters
     assert loaded.model.dfa_placement == "micro"
@@ -175,7 +175,7 @@ def test_sample_is_reproducible_and_windowed(getkey):
 
 
 def test_sample_refuses_a_run_that_is_not_a_language_model(tmp_path, mnist_dir):
-    from .test_train import small
+    from .helpers import small
 
     bfx.train(small(tmp_path, mnist_dir, epochs=1, rule="bp"), quiet=True)
     assert main(["sample", str(tmp_path)]) == 1
