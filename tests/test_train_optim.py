@@ -40,6 +40,18 @@ def test_every_rule_starts_from_the_same_weights():
         ), rule
 
 
+def _first_step(transform, params, grads, model):
+    """`model` with `params` after one step of `transform` from its initial state."""
+
+    @jax.jit
+    def step(params, grads):
+        updates, _ = transform.update(grads, transform.init(params), params)
+        return eqx.apply_updates(params, updates)
+
+    with jax.numpy_dtype_promotion("standard"):
+        return eqx.combine(step(params, grads), model)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
 def test_kp_decay_shrinks_weight_minus_feedback(optimizer):
     # Decay as L2 before the learning-rate scale (sgd; momentum shares its code) or
@@ -63,13 +75,7 @@ def test_kp_decay_shrinks_weight_minus_feedback(optimizer):
     )
     transform = _optimizer.optimizer(config)
 
-    @jax.jit
-    def step(params, grads):
-        updates, _ = transform.update(grads, transform.init(params), params)
-        return eqx.apply_updates(params, updates)
-
-    with jax.numpy_dtype_promotion("standard"):
-        new = eqx.combine(step(params, grads), model)
+    new = _first_step(transform, params, grads, model)
     # Adam's first step is ±lr for W and B alike: L2 before it leaves W - B as is
     # (after it, W - B would grow by 1 + decay).
     factor = 1.0 if optimizer == "adam" else 1 - lr * decay
@@ -160,13 +166,7 @@ def test_the_trainer_never_hands_fixed_feedback_to_the_optimiser(rule):
     assert 2 * n_params <= n_state < 2 * n_params + 100
     grads = jax.tree_util.tree_map(jnp.ones_like, params)
 
-    @jax.jit
-    def step(params, grads):
-        updates, _ = transform.update(grads, transform.init(params), params)
-        return eqx.apply_updates(params, updates)
-
-    with jax.numpy_dtype_promotion("standard"):
-        new = eqx.combine(step(params, grads), model)
+    new = _first_step(transform, params, grads, model)
     moved = [
         x
         for x, label in zip(
