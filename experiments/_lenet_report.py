@@ -135,7 +135,8 @@ def figures(
 def _rows(sweep: Sweep) -> tuple[list[str], str]:
     """The table's rows and the verdict against biotorch's figures."""
     published = BIOTORCH[sweep.dataset]
-    rows, missed, beaten, narrow, missed_rules = [], [], [], [], []
+    rows, beaten, narrow = [], [], []
+    missed: dict[str, str] = {}  # by rule
     for rule, runs in sweep.histories.items():
         chosen = [chosen_epoch(h) for h in runs]
         test = [error(row, "test") for row in chosen]
@@ -147,8 +148,7 @@ def _rows(sweep: Sweep) -> tuple[list[str], str]:
             if len(test) > 1 and theirs - mean < statistics.stdev(test):
                 narrow.append(rule)
         elif theirs is not None:  # a tie to two decimals is not a win
-            missed_rules.append(rule)
-            missed.append(
+            missed[rule] = (
                 f"{rule} by {mean - theirs:.2f} points"
                 if mean > theirs + 0.005
                 else f"{rule} (tied: {mean:.3f} against {theirs})"
@@ -173,10 +173,10 @@ def _rows(sweep: Sweep) -> tuple[list[str], str]:
         + " points."
         if not missed
         else f"Beaten: {', '.join(beaten) or 'none'} points. **Missed** (mean test "
-        f"error not below biotorch's): {', '.join(missed)}."
+        f"error not below biotorch's): {', '.join(missed.values())}."
     )
     if missed:
-        verdict += " " + _selection_noise(sweep, missed_rules)
+        verdict += " " + _selection_noise(sweep, list(missed))
     if narrow:
         verdict += (
             f" The margin is smaller than our seeds' standard deviation for "
