@@ -56,17 +56,28 @@ def time_call(fn: Callable[[], Any], calls: int) -> float:
 
 @dataclasses.dataclass
 class Timings:
-    """Median seconds per call of each entry, and the interquartile range of its
-    samples over that median (how much the machine's load moved it)."""
+    """Median seconds per call of each entry, the interquartile range of its samples
+    over that median (how much the machine's load moved it), and the samples
+    themselves, one per round."""
 
     median: dict[Any, float]
     spread: dict[Any, float]
+    samples: dict[Any, list[float]]
 
     def __getitem__(self, name: Any) -> float:
         return self.median[name]
 
     def get(self, name: Any) -> float | None:
         return self.median.get(name)
+
+    def paired(self, a: Any, b: Any) -> float:
+        """`a`'s time over `b`'s: the median over rounds of the two entries' ratio
+        in each round. Both ran in the same round, seconds apart, so a change of
+        the machine's load between rounds cancels in each ratio; a ratio of the
+        two medians would take each median from rounds under different loads."""
+        return statistics.median(
+            x / y for x, y in zip(self.samples[a], self.samples[b], strict=True)
+        )
 
 
 def interleaved(
@@ -91,6 +102,7 @@ def interleaved(
     return Timings(
         {name: statistics.median(s) for name, s in samples.items()},
         {name: _spread(s) for name, s in samples.items()},
+        samples,
     )
 
 
@@ -102,7 +114,11 @@ def _spread(samples: list[float]) -> float:
 
 
 def ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}×"
+    return times(a / b)
+
+
+def times(x: float) -> str:
+    return f"{x:.2f}×"
 
 
 # ----------------------------------------------------------------------- machine

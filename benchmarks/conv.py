@@ -114,54 +114,51 @@ def run(
         "spread of step | PyTorch epoch / JAX epoch | epoch compile |"
     )
     add("| --- " * 8 + "|")
-    g_bp, s_bp, e_bp = t["grad", "bp"], t["step", "bp"], te["bp"]
     mem_bp = cases["bp"].memory["step"]
     for rule in setup.rules:
-        g, s, e = t["grad", rule], t["step", rule], te[rule]
+        g, s = (
+            t.paired(("grad", rule), ("grad", "bp")),
+            t.paired(("step", rule), ("step", "bp")),
+        )
+        e = te.paired(rule, "bp")
         mem = cases[rule].memory["step"]
         mem_ratio = T.ratio(mem["total"], mem_bp["total"]) if mem else "n/a"
-        torch_e = te.get(("torch", rule))
+        torch_e = te.paired(("torch", rule), rule) if rule in torch_cases else None
         add(
-            f"| {rule} | {T.ratio(g, g_bp)} | {T.ratio(s, s_bp)} | "
-            f"{T.ratio(e, e_bp)} | {mem_ratio} | "
+            f"| {rule} | {T.times(g)} | {T.times(s)} | {T.times(e)} | {mem_ratio} | "
             f"{100 * t.spread['step', rule]:.0f} % | "
-            f"{T.ratio(torch_e, e) if torch_e else ''} | "
+            f"{T.times(torch_e) if torch_e else ''} | "
             f"{cases[rule].epoch_compile_s:.1f} s |"
         )
         if rule in STEP_TARGETS:
             lim = STEP_TARGETS[rule]
             verdicts.append(
-                (
-                    f"{rule} Adam step ≤ {lim}× BP, LeNet",
-                    T.ratio(s, s_bp),
-                    s / s_bp <= lim,
-                )
+                (f"{rule} Adam step ≤ {lim}× BP, LeNet", T.times(s), s <= lim)
             )
         if rule != "bp":
             lim = EPOCH_TARGETS.get(rule, EPOCH_TARGET)
-            verdicts.append(
-                (f"{rule} epoch ≤ {lim}× BP, LeNet", T.ratio(e, e_bp), e / e_bp <= lim)
-            )
+            verdicts.append((f"{rule} epoch ≤ {lim}× BP, LeNet", T.times(e), e <= lim))
         if torch_e:
             verdicts.append(
                 (
                     f"{rule} LeNet epoch ≥ {TORCH_TARGET}× faster than PyTorch",
-                    T.ratio(torch_e, e),
-                    torch_e / e >= TORCH_TARGET,
+                    T.times(torch_e),
+                    torch_e >= TORCH_TARGET,
                 )
             )
     add("")
-    e_xla = te["bp", "xla"]
-    torch_bp = te.get(("torch", "bp"))
+    torch_bp = "bp" in torch_cases
+    xla = T.times(te.paired(("bp", "xla"), "bp"))
     add(
         f"An epoch: {steps_per_epoch} steps of {setup.batch} through "
         '`bfx.train_epoch` (one compiled call), on CPU with `conv_path="auto"`, '
         "i.e. convolutions as slices and one `dot` and the pools by reshape "
         "(`bfx.im2col_layers`). Backprop's epoch with XLA's own convolutions and "
-        f'`reduce_window` inside the scan (`conv_path="xla"`): {T.ratio(e_xla, e_bp)} '
+        f'`reduce_window` inside the scan (`conv_path="xla"`): {xla} '
         "the time of the default path"
         + (
-            f", PyTorch epoch / that epoch {T.ratio(torch_bp, e_xla)}"
+            ", PyTorch epoch / that epoch "
+            f"{T.times(te.paired(('torch', 'bp'), ('bp', 'xla')))}"
             if torch_bp
             else ""
         )
@@ -172,7 +169,7 @@ def run(
         add(
             "PyTorch step / JAX step (one batch): "
             + ", ".join(
-                f"{rule} {T.ratio(t['torch step', rule], t['step', rule])}"
+                f"{rule} {T.times(t.paired(('torch step', rule), ('step', rule)))}"
                 for rule in torch_cases
             )
             + "."

@@ -14,8 +14,9 @@ About 35 minutes on 2 cores. The scripts (`mlp.py`: MLPs; `conv.py`: LeNet-5, wi
 train --model lenet --epochs 1` as a whole process against PyTorch's; `devices.py`:
 data-parallel epochs on 1, 2 and 4 simulated devices) share `_timing.py`: every
 measurement is interleaved with those it is compared with (a fresh random order
-each round) and reported as a median, and every ratio in the report is of two
-figures measured side by side in this run. Epochs run through the library's own
+each round) and reported as a median; a ratio of two times is the median over
+the rounds of their ratio within each round, so that the machine's load, which
+moves between rounds, cancels. Epochs run through the library's own
 `bfx.train_epoch` (`bfx.train_epoch_with_state` for the CIFAR nets). Without
 PyTorch (e.g. `.venv/bin/python -m benchmarks.run_all`, or `--no-torch`) the PyTorch
 comparison is left out. `--smoke` runs tiny sizes once, in a minute or two (the test
@@ -70,9 +71,11 @@ def run(
     add = lines.append
     add(
         "Written by `.venv-bench/bin/python -m benchmarks.run_all` (setup in its "
-        "docstring); every figure below comes from one run of it, and every ratio "
-        "is of two medians measured side by side (interleaved) in that run. The "
-        "machine is shared with other work: the load average shows how much.\n"
+        "docstring); every figure below comes from one run of it. Times compared "
+        "with each other were measured interleaved, in rounds (each round runs "
+        "each once, in a fresh random order); a ratio of two times is the median "
+        "over the rounds of their ratio within a round. The machine is shared with "
+        "other work: the load average shows how much.\n"
     )
     add(
         f"Run: {started:%Y-%m-%d %H:%M %Z}. Load average (1, 5, 15 min): "

@@ -186,3 +186,27 @@ def test_torch_side_of_the_command_line(mnist_dir):
     record = json.loads(done.stdout.splitlines()[-1])
     assert record["n_train"] == 192
     assert record["train_time_s"] > 0 and 0 <= record["test_acc"] <= 1
+
+
+def test_paired_ratio_cancels_load_between_rounds(scripts):
+    """A ratio is the median of the per-round ratios: when the machine's load
+    doubles every time between rounds, `a` taking 1.1× `b` in each round gives
+    1.1× exactly, where the ratio of the two medians would not."""
+    timing = scripts["_timing"]
+    b = [1.0, 2.0, 4.0, 8.0, 16.0]
+    a = [1.1 * t for t in b]
+    a[1], a[3] = 2 * 1.2, 8 * 1.0  # rounds vary: ratios 1.1, 1.2, 1.1, 1.0, 1.1
+    order = [4, 0, 2, 1, 3]  # the samples' round order must not matter
+    a, b = [a[i] for i in order], [b[i] for i in order]
+    stats = timing.Timings({}, {}, {"a": a, "b": b})
+    assert stats.paired("a", "b") == pytest.approx(1.1)
+    assert stats.paired("b", "a") == pytest.approx(1 / 1.1)
+
+
+def test_mlp_target_line_states_the_step_the_target_needs(scripts):
+    mlp = scripts["mlp"]
+    # 2 GFLOP at 200 GFLOP/s: 10 ms of matmuls; PyTorch 16 ms a step.
+    line = mlp.target_line(2 * 10**9, 200e9, 9e-3, 16e-3)
+    assert "backprop's step takes 9.00 ms and PyTorch's 16.00 ms" in line
+    assert "would need a step of 8.00 ms" in line
+    assert "matmuls alone take 10.00 ms" in line
