@@ -4,6 +4,7 @@ optimiser step, whole epoch through `bfx.train_epoch`) of any Equinox model."""
 
 import argparse
 import dataclasses
+import functools
 import importlib.metadata
 import os
 import pathlib
@@ -56,13 +57,19 @@ def time_call(fn: Callable[[], Any], calls: int) -> float:
 
 @dataclasses.dataclass
 class Timings:
-    """Median seconds per call of each entry, the interquartile range of its samples
-    over that median (how much the machine's load moved it), and the samples
-    themselves, one per round."""
+    """Seconds per call of each entry, one sample per round; their median, and
+    their interquartile range over that median (how much the machine's load
+    moved it)."""
 
-    median: dict[Any, float]
-    spread: dict[Any, float]
     samples: dict[Any, list[float]]
+
+    @functools.cached_property
+    def median(self) -> dict[Any, float]:
+        return {name: statistics.median(s) for name, s in self.samples.items()}
+
+    @functools.cached_property
+    def spread(self) -> dict[Any, float]:
+        return {name: _spread(s) for name, s in self.samples.items()}
 
     def __getitem__(self, name: Any) -> float:
         return self.median[name]
@@ -89,7 +96,7 @@ def interleaved(
 ) -> Timings:
     """Times every entry `rounds` times; each round runs each entry once (`calls`
     back-to-back calls), in a fresh random order, so that load changes hit all
-    entries alike. Returns medians over the rounds."""
+    entries alike. Returns every round's sample of each entry."""
     for fn in entries.values() if warm_up else ():  # first-call allocations
         block(fn())
     samples: dict[Any, list[float]] = {name: [] for name in entries}
@@ -99,11 +106,7 @@ def interleaved(
         rng.shuffle(order)
         for name in order:
             samples[name].append(time_call(entries[name], calls))
-    return Timings(
-        {name: statistics.median(s) for name, s in samples.items()},
-        {name: _spread(s) for name, s in samples.items()},
-        samples,
-    )
+    return Timings(samples)
 
 
 def _spread(samples: list[float]) -> float:

@@ -156,7 +156,7 @@ def run(
             e = te.paired(rule, "bp")
             torch_e = (
                 te.paired(("torch", rule), rule)
-                if ("torch", rule) in te.median
+                if ("torch", rule) in te.samples
                 else None
             )
             add(

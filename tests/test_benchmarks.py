@@ -198,7 +198,7 @@ def test_paired_ratio_cancels_load_between_rounds(scripts):
     a[1], a[3] = 2 * 1.2, 8 * 1.0  # rounds vary: ratios 1.1, 1.2, 1.1, 1.0, 1.1
     order = [4, 0, 2, 1, 3]  # the samples' round order must not matter
     a, b = [a[i] for i in order], [b[i] for i in order]
-    stats = timing.Timings({}, {}, {"a": a, "b": b})
+    stats = timing.Timings({"a": a, "b": b})
     assert stats.paired("a", "b") == pytest.approx(1.1)
     assert stats.paired("b", "a") == pytest.approx(1 / 1.1)
 
