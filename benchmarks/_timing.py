@@ -323,6 +323,22 @@ def peak_matmul(n: int) -> tuple[Callable[[], Any], int]:
     return (lambda: compiled(a, b)), 2 * n**3
 
 
+def stream(n: int) -> tuple[Callable[[], Any], int]:
+    """An elementwise pass over `n` float32 (this machine's memory bandwidth:
+    each element read once and written once) and the bytes it moves. In place
+    (the input donated, the output carried to the next call), as an optimiser
+    updates its state: a fresh output buffer would time page faults."""
+    x = jax.random.normal(jax.random.key(4), (n,), DTYPE)
+    compiled = jax.jit(lambda a: -a, donate_argnums=0).lower(x).compile()
+    holder = [x]
+
+    def call():
+        holder[0] = compiled(holder[0])
+        return holder[0]
+
+    return call, 2 * n * x.dtype.itemsize
+
+
 def verdict_lines(verdicts: list[tuple[str, str, bool]]) -> list[str]:
     """The targets as a Markdown table."""
     out = ["| target | measured | met |", "| --- | --- | --- |"]

@@ -39,7 +39,7 @@ class Setup:
     op_repeats: int  # rounds of the per-op table
 
 
-FULL = Setup(bfx.RULES, 128, 21, 7, 5, None, False, 7)
+FULL = Setup(bfx.RULES, 128, 21, 11, 5, None, False, 7)
 SMOKE = Setup(("bp", "fa", "dfa"), 16, 1, 1, 1, 256, True, 1)
 
 

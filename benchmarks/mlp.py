@@ -38,12 +38,13 @@ class Setup:
     epoch_repeats: int
     calls: int  # calls per timed sample of a step
     peak_n: int
+    stream_n: int  # float32 elements of the copy-bandwidth pass
     data_limit: int | None
     smoke: bool
 
 
-FULL = Setup(1024, (2, 6), bfx.RULES, 128, 21, 7, 3, 2048, None, False)
-SMOKE = Setup(16, (1,), ("bp", "kp", "dfa"), 16, 1, 1, 1, 64, 256, True)
+FULL = Setup(1024, (2, 6), bfx.RULES, 128, 21, 7, 3, 2048, 2**24, None, False)
+SMOKE = Setup(16, (1,), ("bp", "kp", "dfa"), 16, 1, 1, 1, 64, 2**10, 256, True)
 
 
 def layer_sizes(in_size: int, width: int, depth: int, out_size: int) -> list[int]:
@@ -63,16 +64,35 @@ def matmul_flops(rule: str, sizes: Sequence[int], batch: int) -> int:
     return 2 * forward + cotangent
 
 
-def target_line(flops: int, peak: float, step_s: float, torch_step_s: float) -> str:
-    """What `TORCH_TARGET` asks of backprop's step, against the time its matmuls
-    alone take at the machine's matmul peak."""
+def target_line(
+    flops: int,
+    peak: float,
+    adam_bytes: int,
+    bandwidth: float,
+    step_s: float,
+    torch_step_s: float,
+) -> str:
+    """What `TORCH_TARGET` asks of backprop's step, against an estimate of the
+    least it can take here: its matmuls at the machine's matmul peak plus Adam's
+    memory traffic at the machine's copy bandwidth, the rest of the step free."""
     need = torch_step_s / TORCH_TARGET
+    matmul_s, adam_s = flops / peak, adam_bytes / bandwidth
+    floor = matmul_s + adam_s
+    reach = "below" if floor <= need else "above"
     return (
         f"In the epochs, backprop's step takes {1e3 * step_s:.2f} ms and PyTorch's "
         f"{1e3 * torch_step_s:.2f} ms. PyTorch epoch / JAX epoch ≥ {TORCH_TARGET}× "
         f"would need a step of {1e3 * need:.2f} ms; the step's matmuls alone take "
-        f"{1e3 * flops / peak:.2f} ms at the matmul peak above.\n"
+        f"{1e3 * matmul_s:.2f} ms at the matmul peak above, and Adam's "
+        f"{adam_bytes / 1e6:.0f} MB of traffic {1e3 * adam_s:.2f} ms at the copy "
+        f"bandwidth above: a floor of about {1e3 * floor:.2f} ms, {reach} the step "
+        "the target needs.\n"
     )
+
+
+# Adam in float32 reads the parameters, their gradients and both moments, and
+# writes back the parameters and the moments: 7 arrays of 4 bytes per parameter.
+ADAM_BYTES_PER_PARAM = 7 * 4
 
 
 def mlp_name(width: int, depth: int) -> str:
@@ -109,6 +129,7 @@ def run(
                 model, x_all, y_all, setup.batch, epochs=depth == min(setup.depths)
             )
     peak_fn, peak_flops = T.peak_matmul(setup.peak_n)
+    stream_fn, stream_bytes = T.stream(setup.stream_n)
     torch_cases: dict[str, _torch.TorchCase] = {}
     if use_torch:
         for rule in (r for r in ("bp", "fa") if r in setup.rules):
@@ -121,7 +142,10 @@ def run(
             )
 
     say(f"mlp: timing steps ({setup.repeats} rounds) ...")
-    entries: dict[Any, Callable[[], Any]] = {("peak",): peak_fn}
+    entries: dict[Any, Callable[[], Any]] = {
+        ("peak",): peak_fn,
+        ("stream",): stream_fn,
+    }
     for (depth, rule), c in cases.items():
         entries["grad", depth, rule] = c.grad
         entries["step", depth, rule] = c.step
@@ -137,6 +161,7 @@ def run(
     # Compiled ahead of time, and an epoch lasts seconds: no warm-up.
     te = T.interleaved(epoch_entries, setup.epoch_repeats, 1, seed=1, warm_up=False)
     peak = peak_flops / t["peak",]
+    bandwidth = stream_bytes / t["stream",]
 
     lines: list[str] = []
     add = lines.append
@@ -147,7 +172,9 @@ def run(
         f"of {setup.repeats} rounds of {setup.calls} calls; epochs: median of "
         f"{setup.epoch_repeats} rounds; every round in a fresh random order. "
         f"Matmul peak ({setup.peak_n}² float32 matmul, timed with the steps): "
-        f"{peak / 1e9:.1f} GFLOP/s.\n"
+        f"{peak / 1e9:.1f} GFLOP/s. Copy bandwidth (`-x` in place over "
+        f"{setup.stream_n * 4 / 2**20:g} MiB of float32, read once and written once, "
+        f"timed with the steps): {bandwidth / 1e9:.1f} GB/s.\n"
     )
     for depth in setup.depths:
         name = mlp_name(setup.width, depth)
@@ -248,6 +275,8 @@ def run(
                     "bp", layer_sizes(n_in, setup.width, depth, 10), setup.batch
                 ),
                 peak,
+                ADAM_BYTES_PER_PARAM * cases[depth, "bp"].n_params,
+                bandwidth,
                 te["bp"] / steps_per_epoch,
                 te["torch", "bp"] / steps_per_epoch,
             )

@@ -8,7 +8,7 @@ From the repository root, with the library and PyTorch in one environment:
     .venv-bench/bin/pip install -e . torch==2.13.0
     .venv-bench/bin/python -m benchmarks.run_all
 
-About 35 minutes on 2 cores. The scripts (`mlp.py`: MLPs; `conv.py`: LeNet-5, with
+About 45 minutes on 2 cores. The scripts (`mlp.py`: MLPs; `conv.py`: LeNet-5, with
 `conv_ops.py`'s table of each convolution's and pool's ops on both paths;
 `cifar.py`: VGG and ResNet-20 on random CIFAR-shaped images; `cli.py`: `bioflax-eqx
 train --model lenet --epochs 1` as a whole process against PyTorch's; `devices.py`:
