@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 import bioflax_eqx as bfx
 
@@ -90,9 +91,9 @@ def target_line(
     )
 
 
-# Adam in float32 reads the parameters, their gradients and both moments, and
-# writes back the parameters and the moments: 7 arrays of 4 bytes per parameter.
-ADAM_BYTES_PER_PARAM = 7 * 4
+# Adam reads the parameters, their gradients and both moments, and writes back the
+# parameters and the moments: 7 arrays of the benchmarks' dtype per parameter.
+ADAM_BYTES_PER_PARAM = 7 * np.dtype(T.DTYPE).itemsize
 
 
 def mlp_name(width: int, depth: int) -> str:
@@ -173,7 +174,7 @@ def run(
         f"{setup.epoch_repeats} rounds; every round in a fresh random order. "
         f"Matmul peak ({setup.peak_n}² float32 matmul, timed with the steps): "
         f"{peak / 1e9:.1f} GFLOP/s. Copy bandwidth (`-x` in place over "
-        f"{setup.stream_n * 4 / 2**20:g} MiB of float32, read once and written once, "
+        f"{stream_bytes / 2 / 2**20:g} MiB of float32, read once and written once, "
         f"timed with the steps): {bandwidth / 1e9:.1f} GB/s.\n"
     )
     for depth in setup.depths:
