@@ -33,6 +33,7 @@ def conv_im2col(
     padding: Sequence[tuple[int, int]],
     dilation: Sequence[int],
     groups: int,
+    block: int | None = None,
 ) -> Float[Array, " out_channels *out_spatial"]:
     """`lax.conv_general_dilated` of one example (channels first, no batch axis),
     with zero padding `padding`, window strides `stride`, kernel dilation `dilation`
@@ -46,6 +47,14 @@ def conv_im2col(
     - `stride`, `dilation`: one integer per spatial axis.
     - `padding`: `(low, high)` zeros per spatial axis (negative values crop).
     - `groups`: the feature group count; divides both channel counts.
+    - `block`: how many neighbouring outputs along the last spatial axis one row
+        of the product computes: its patch spans their joint window, and the
+        kernel becomes a banded matrix with `block` times the columns. It must
+        divide the output's last axis, and be 1 with feature groups. `None` (the
+        default): 4, or the largest divisor of the output's last axis below it,
+        for kernels at least 5 wide with at most 16 output channels and no
+        groups (LeNet-5's, where it makes a training epoch on CPU about 0.83× as
+        long); 1 otherwise.
 
     **Returns:**
 
@@ -69,6 +78,13 @@ def conv_im2col(
             f"the kernel {tuple(kernel)} (dilation {tuple(dilation)}) does not fit "
             f"the padded input of spatial shape {tuple(padded_spatial)}."
         )
+    if block is None:
+        block = _default_block(out_channels, kernel[-1], out_spatial[-1], groups)
+    if block < 1 or out_spatial[-1] % block or (groups > 1 and block > 1):
+        raise ValueError(
+            f"block must be a divisor of the output's last axis ({out_spatial[-1]})"
+            f" and 1 with feature groups, got block={block}, groups={groups}."
+        )
     windows = _Windows(
         tuple(map(tuple, padding)),  # pyright: ignore[reportArgumentType]
         tuple(kernel),
@@ -76,19 +92,70 @@ def conv_im2col(
         tuple(stride),
         tuple(out_spatial),
     )
+    kernel_matrix = weight.reshape(out_channels, -1).T
+    if block > 1:
+        # `block` outputs `stride` apart along the last axis read one window of
+        # `span` inputs: that axis's taps are the span's offsets, strided by the
+        # block's stride.
+        span = (block - 1) * stride[-1] + (kernel[-1] - 1) * dilation[-1] + 1
+        windows = windows._replace(
+            kernel=(*kernel[:-1], span),
+            dilation=(*dilation[:-1], 1),
+            stride=(*stride[:-1], block * stride[-1]),
+            out=(*out_spatial[:-1], out_spatial[-1] // block),
+        )
+        kernel_matrix = _banded(weight, block, stride[-1], dilation[-1], span)
     # (positions, channels · taps), channel-major as the kernel's rows: under
     # `jax.vmap` the batch axis joins the positions, and the product is one
     # (batch · positions, channels · taps) matmul.
-    positions = math.prod(out_spatial)
+    positions = math.prod(out_spatial) // block
     patches = cast(Array, _taps(x, windows)).reshape(positions, -1)
     if groups == 1:
-        out = patches @ weight.reshape(out_channels, -1).T
+        out = patches @ kernel_matrix
     else:
         patches = patches.reshape(positions, groups, -1)
         kernel_rows = weight.reshape(groups, out_channels // groups, -1)
         out = jnp.einsum("pgk,gok->pgo", patches, kernel_rows)
-    out = out.reshape(positions, out_channels).T
-    return out.reshape(out_channels, *out_spatial)
+    # (*out_spatial[:-1], last // block, out_channels, block), channels to the front.
+    out = out.reshape(*out_spatial[:-1], out_spatial[-1] // block, out_channels, block)
+    return jnp.moveaxis(out, -2, 0).reshape(out_channels, *out_spatial)
+
+
+def _default_block(
+    out_channels: int, kernel_width: int, out_width: int, groups: int
+) -> int:
+    """`conv_im2col`'s default `block`.
+
+    A product with few output channels runs far below the machine's matmul peak,
+    bound by the patches' memory traffic. Blocks of 4 outputs along a 5-wide kernel
+    do 8/5 of the arithmetic on 2/5 of the patches, with 4 times the columns.
+    Measured on 2 CPU cores, paired epochs: LeNet-5's convolutions (6 and 16
+    channels, 5×5) in blocks of 4 made its training epoch 0.83× as long; blocks
+    of 4 in ResNet-20 (3×3, 16 to 64 channels) made it 1.07× as long, of 2 0.995×.
+    """
+    if groups != 1 or out_channels > 16 or kernel_width < 5:
+        return 1
+    return max(b for b in range(1, 5) if out_width % b == 0)
+
+
+def _banded(weight: Array, block: int, stride: int, dilation: int, span: int) -> Array:
+    """The kernel as the `(channels · taps, out_channels · block)` matrix that
+    maps a block's patch to its `block` outputs: output `q` of the block applies
+    the kernel's last axis, dilated, at offset `q · stride` of the span, zeros
+    elsewhere."""
+    out_channels, extent = weight.shape[0], (weight.shape[-1] - 1) * dilation + 1
+    zero = jnp.zeros((), weight.dtype)
+    no_pad = [(0, 0, 0)] * (weight.ndim - 1)
+    shifted = [
+        lax.pad(
+            weight,
+            zero,
+            [*no_pad, (q * stride, span - q * stride - extent, dilation - 1)],
+        )
+        for q in range(block)
+    ]
+    banded = jnp.stack(shifted, axis=-1).reshape(out_channels, -1, block)
+    return jnp.moveaxis(banded, 0, 1).reshape(-1, out_channels * block)
 
 
 class _Windows(NamedTuple):

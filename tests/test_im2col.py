@@ -7,6 +7,7 @@ on both paths, for every rule, giving the same parameters.
 and groups on this path are also checked in `tests/test_layers.py`.)"""
 
 import collections
+import functools
 
 import equinox as eqx
 import jax
@@ -82,6 +83,126 @@ def test_im2col_conv_is_the_convolution_and_its_vjps(cfg, getkey):
     assert tree_allclose(grad_lowered.conv, grad_conv)  # weight and bias
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _vjps(f, x, w, key):
+    y, pullback = jax.vjp(jax.vmap(f, in_axes=(0, None)), x, w)
+    return y, pullback(jax.random.normal(key, y.shape, y.dtype))
+
+
+# The first 8 random convolutions (strides, paddings, dilations; 1-3 spatial
+# axes) without their groups, and LeNet-5's two (where `block=None` picks 4).
+BLOCK_CASES = [(i, {**cfg, "groups": 1}) for i, cfg in enumerate(CONVS[:8])] + [
+    (
+        "lenet1",
+        dict(
+            in_channels=1,
+            out_channels=6,
+            kernel_size=[5, 5],
+            stride=[1, 1],
+            padding=[(2, 2), (2, 2)],
+            dilation=[1, 1],
+            spatial=[28, 28],
+        ),
+    ),
+    (
+        "lenet2",
+        dict(
+            in_channels=6,
+            out_channels=16,
+            kernel_size=[5, 5],
+            stride=[1, 1],
+            padding=[(0, 0), (0, 0)],
+            dilation=[1, 1],
+            spatial=[12, 12],
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "cfg", [c for _, c in BLOCK_CASES], ids=[f"conv{i}" for i, _ in BLOCK_CASES]
+)
+def test_blocks_of_outputs_are_the_convolution_and_its_vjps(cfg, getkey):
+    """`block` neighbouring outputs per row of the product (a banded kernel matrix)
+    give the convolution, its input gradient and its kernel gradient, for every
+    block that divides the output's last axis."""
+    padding = cfg["padding"]
+    if padding == "SAME":
+        reach = [d * (k - 1) + 1 for k, d in zip(cfg["kernel_size"], cfg["dilation"])]
+        padding = jax.lax.padtype_to_pads(cfg["spatial"], reach, cfg["stride"], "SAME")
+    x = jax.random.normal(
+        getkey(), (BATCH, cfg["in_channels"], *cfg["spatial"]), jnp.float64
+    )
+    w = jax.random.normal(
+        getkey(),
+        (cfg["out_channels"], cfg["in_channels"], *cfg["kernel_size"]),
+        jnp.float64,
+    )
+
+    def reference(xi, w):
+        return jax.lax.conv_general_dilated(
+            xi[None], w, cfg["stride"], padding, rhs_dilation=cfg["dilation"]
+        )[0]
+
+    key = getkey()
+    y, (grad_x, grad_w) = _vjps(reference, x, w, key)
+    width = y.shape[-1]
+    blocks = [b for b in range(2, width + 1) if width % b == 0][:2]
+    assert blocks or width == 1, "a case without a block to test"
+    for block in [None, *blocks]:
+
+        def blocked(xi, w):
+            return bfx.conv_im2col(
+                xi,
+                w,
+                stride=cfg["stride"],
+                padding=padding,
+                dilation=cfg["dilation"],
+                groups=1,
+                block=block,
+            )
+
+        y_b, (grad_x_b, grad_w_b) = _vjps(blocked, x, w, key)
+        np.testing.assert_allclose(y_b, y, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(grad_x_b, grad_x, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(grad_w_b, grad_w, rtol=1e-10, atol=1e-10)
+
+
+def test_lenets_convolutions_are_computed_in_blocks_of_four(getkey):
+    """By default: the product of LeNet-5's first convolution (6 channels, 5×5,
+    28 wide) has 4 × 6 columns, one of 3×3 kernels (ResNet-20's) 16."""
+
+    def product_columns(out_channels, kernel, width):
+        x = jnp.zeros((1, width + kernel - 1, width + kernel - 1))
+        w = jnp.zeros((out_channels, 1, kernel, kernel))
+        f = functools.partial(
+            bfx.conv_im2col,
+            stride=(1, 1),
+            padding=((0, 0), (0, 0)),
+            dilation=(1, 1),
+            groups=1,
+        )
+        jaxpr = jax.make_jaxpr(f)(x, w)
+        (dot,) = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+        return dot.outvars[0].aval.shape[-1]
+
+    assert product_columns(6, 5, 28) == 24
+    assert product_columns(16, 5, 8) == 64
+    assert product_columns(16, 5, 6) == 48  # 3 divides 6, 4 does not
+    assert product_columns(16, 3, 32) == 16
+    assert product_columns(32, 5, 32) == 32
+    with pytest.raises(ValueError, match="divisor of the output's last axis"):
+        bfx.conv_im2col(
+            jnp.zeros((1, 10, 10)),
+            jnp.zeros((2, 1, 3, 3)),
+            stride=(1, 1),
+            padding=((0, 0), (0, 0)),
+            dilation=(1, 1),
+            groups=1,
+            block=3,
+        )
+
+
 @pytest.mark.parametrize("nd", [1, 2, 3])
 @pytest.mark.parametrize("size", [1, 2, 3])
 def test_block_max_pool_is_the_max_pool_ties_included(nd, size):
@@ -114,12 +235,13 @@ def test_overlapping_or_padded_pools_stay_as_they_are():
 
 
 def _net(key, dtype=jnp.float64) -> eqx.nn.Sequential:
-    """conv 3×3 (padding 1), tanh, 2×2 max pool, conv 3×3, tanh, a 3×3 pool with
+    """conv 3×5 (padding 1, 2), tanh, 2×2 max pool, conv 3×3, tanh, a 3×3 pool with
     stride 2 (overlapping: stays as it is), flatten, dense."""
     k1, k2, k3 = jax.random.split(key, 3)
     return eqx.nn.Sequential(
         [
-            eqx.nn.Conv2d(1, 3, 3, padding=1, dtype=dtype, key=k1),
+            # 5 wide: computed in blocks of 2 outputs (`bfx.conv_im2col`).
+            eqx.nn.Conv2d(1, 3, (3, 5), padding=(1, 2), dtype=dtype, key=k1),
             eqx.nn.Lambda(jnp.tanh),
             eqx.nn.MaxPool2d(2, 2),
             eqx.nn.Conv2d(3, 4, 3, dtype=dtype, key=k2),
