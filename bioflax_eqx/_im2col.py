@@ -5,7 +5,9 @@ XLA:CPU runs `lax.conv_general_dilated` inside a loop body (a training epoch's
 written as one strided slice of the input per kernel tap, stacked, and one `dot`
 with the reshaped kernel compiles to copies and a matrix product there too; its
 weight gradient is ordinary autodiff (one product over the batch), its input
-gradient one product and the slices' transposes.
+gradient one product and the slices' transposes. Where the kernel has few output
+channels, one row of the product computes several neighbouring outputs (a banded
+kernel matrix), so that the product has more columns and reads fewer patches.
 [`bioflax_eqx.im2col_layers`][] swaps [`bioflax_eqx.Im2colConv`][] in for every
 convolution of a model.
 """
