@@ -89,33 +89,23 @@ def _vjps(f, x, w, key):
     return y, pullback(jax.random.normal(key, y.shape, y.dtype))
 
 
+def _five_by_five(in_channels: int, out_channels: int, pad: int, size: int) -> dict:
+    return dict(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        kernel_size=[5, 5],
+        stride=[1, 1],
+        padding=[(pad, pad)] * 2,
+        dilation=[1, 1],
+        spatial=[size, size],
+    )
+
+
 # The first 8 random convolutions (strides, paddings, dilations; 1-3 spatial
 # axes) without their groups, and LeNet-5's two (where `block=None` picks 4).
 BLOCK_CASES = [(i, {**cfg, "groups": 1}) for i, cfg in enumerate(CONVS[:8])] + [
-    (
-        "lenet1",
-        dict(
-            in_channels=1,
-            out_channels=6,
-            kernel_size=[5, 5],
-            stride=[1, 1],
-            padding=[(2, 2), (2, 2)],
-            dilation=[1, 1],
-            spatial=[28, 28],
-        ),
-    ),
-    (
-        "lenet2",
-        dict(
-            in_channels=6,
-            out_channels=16,
-            kernel_size=[5, 5],
-            stride=[1, 1],
-            padding=[(0, 0), (0, 0)],
-            dilation=[1, 1],
-            spatial=[12, 12],
-        ),
-    ),
+    ("lenet1", _five_by_five(1, 6, 2, 28)),
+    ("lenet2", _five_by_five(6, 16, 0, 12)),
 ]
 
 
