@@ -94,7 +94,6 @@ def conv_im2col(
         tuple(stride),
         tuple(out_spatial),
     )
-    kernel_matrix = weight.reshape(out_channels, -1).T
     if block > 1:
         # `block` outputs `stride` apart along the last axis read one window of
         # `span` inputs: that axis's taps are the span's offsets, strided by the
@@ -106,14 +105,16 @@ def conv_im2col(
             stride=(*stride[:-1], block * stride[-1]),
             out=(*out_spatial[:-1], out_spatial[-1] // block),
         )
-        kernel_matrix = _banded(weight, block, stride[-1], dilation[-1], span)
     # (positions, channels · taps), channel-major as the kernel's rows: under
     # `jax.vmap` the batch axis joins the positions, and the product is one
     # (batch · positions, channels · taps) matmul.
     positions = math.prod(out_spatial) // block
     patches = cast(Array, _taps(x, windows)).reshape(positions, -1)
-    if groups == 1:
-        out = patches @ kernel_matrix
+    if groups == 1 and block == 1:
+        out = patches @ weight.reshape(out_channels, -1).T
+    elif groups == 1:
+        span = windows.kernel[-1]  # the blocked axis's taps
+        out = patches @ _banded(weight, block, stride[-1], dilation[-1], span)
     else:
         patches = patches.reshape(positions, groups, -1)
         kernel_rows = weight.reshape(groups, out_channels // groups, -1)
